@@ -1,0 +1,30 @@
+# Two commands do all setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SITE    = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.txt setup.py tools/env/torchvision_cpu_fix.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	# Not used by the engine, and PyPI's builds do not load beside the CPU torch wheel.
+	$(PY) -m pip uninstall -q -y torchaudio torchcodec || true
+	cp tools/env/torchvision_cpu_fix.py $(SITE)/_engine_torchvision_cpu_fix.py
+	echo "import _engine_torchvision_cpu_fix as m; m.install()" > $(SITE)/_engine_torchvision_cpu_fix.pth
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) tools/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,47 @@
+"""Training-loop sub-config: batch geometry, steps, checkpoints, run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from engine.config.base import ConfigError, field_
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["sft", "align", "iterative_sft", "mpo", "connector", "grpo"] = field_("sft", "training stage")
+    seed: int = field_(1234, "global seed (per-rank offsets are derived)")
+    micro_batch_size: int = field_(1, "sequences per micro-batch per data-parallel rank")
+    global_batch_size: int = field_(8, "sequences per optimizer step over all data-parallel ranks")
+    seq_length: int = field_(4096, "tokens per sequence (samples are padded or packed to this)")
+    max_steps: int = field_(100, "optimizer steps")
+    log_interval: int = field_(1, "steps between metric lines")
+    save_interval: int = field_(0, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = field_(2, "rotate old checkpoints, keeping this many")
+    run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
+    loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
+    recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
+
+    def validate(self, root) -> None:
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.seq_length > root.model.llm.max_position_embeddings:
+            raise ConfigError(
+                f"train.seq_length={self.seq_length} exceeds model.llm.max_position_embeddings="
+                f"{root.model.llm.max_position_embeddings}"
+            )
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_rank = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_rank:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size x data_parallel_size = {self.micro_batch_size} x {data_parallel_size}"
+            )
+        return self.global_batch_size // per_rank
