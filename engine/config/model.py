@@ -18,7 +18,10 @@ class VisionConfig:
     hidden_size: int = field_(1024, "embedding width")
     ffn_hidden_size: int = field_(4096, "MLP inner width")
     num_layers: int = field_(24, "transformer blocks")
-    num_attention_heads: int = field_(16, "attention heads (must divide by TP; InternViT-6B's 25 need padding)")
+    num_attention_heads: int = field_(16, "attention heads of the checkpoint")
+    padded_num_heads: int = field_(
+        0, "build this many heads, the extra ones all-zero, so TP divides them (InternViT-6B: 25 -> 32 for TP=8); 0 = none"
+    )
     norm_type: Literal["layer_norm", "rms_norm"] = field_("layer_norm", "block norm (InternViT-6B: rms_norm)")
     norm_eps: float = field_(1e-6, "norm epsilon")
     qk_norm: bool = field_(False, "RMSNorm over the full q and k width (InternViT-6B: true)")
@@ -31,6 +34,14 @@ class VisionConfig:
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 
+    @property
+    def built_heads(self) -> int:
+        return self.padded_num_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
     def validate(self, root) -> None:
         tp = root.parallel.tensor_model_parallel_size
         if self.image_size % self.patch_size:
@@ -39,10 +50,14 @@ class VisionConfig:
             raise ConfigError(
                 f"model.vision.hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             )
-        if self.num_attention_heads % tp:
+        if self.padded_num_heads and self.padded_num_heads < self.num_attention_heads:
             raise ConfigError(
-                f"model.vision.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"parallel.tensor_model_parallel_size={tp}; pick a TP size that divides it"
+                f"model.vision.padded_num_heads={self.padded_num_heads} is below num_attention_heads={self.num_attention_heads}"
+            )
+        if self.built_heads % tp:
+            raise ConfigError(
+                f"model.vision heads ({self.built_heads}) are not divisible by parallel.tensor_model_parallel_size={tp}; "
+                f"set model.vision.padded_num_heads to a multiple of {tp} (extra heads are zero) or pick another TP size"
             )
         if self.ffn_hidden_size % tp:
             raise ConfigError(f"model.vision.ffn_hidden_size={self.ffn_hidden_size} is not divisible by TP={tp}")

@@ -22,6 +22,7 @@ class TrainConfig:
     run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
+    max_bad_steps: int = field_(5, "stop (with a checkpoint) after this many non-finite steps in a row")
 
     def validate(self, root) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:

@@ -40,6 +40,12 @@ class Projector(MegatronModule):
             tp_group=tp_group,
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """TP split from the parameters' own attributes (see engine/checkpoint/sharding.py)."""
+        from engine.checkpoint.sharding import tp_sharded_state_dict
+
+        return tp_sharded_state_dict(self, prefix, sharded_offsets, metadata)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features[:, 1:]  # drop CLS: (N, h*w, C)
         n, hw, c = x.shape

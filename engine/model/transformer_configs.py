@@ -76,8 +76,8 @@ def vision_transformer_config(model_cfg, parallel_cfg):
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
         ffn_hidden_size=v.ffn_hidden_size,
-        num_attention_heads=v.num_attention_heads,
-        kv_channels=v.hidden_size // v.num_attention_heads,
+        num_attention_heads=v.built_heads,  # padded heads included; they stay exactly zero
+        kv_channels=v.head_dim,
         normalization="RMSNorm" if v.norm_type == "rms_norm" else "LayerNorm",
         layernorm_epsilon=v.norm_eps,
         add_bias_linear=True,

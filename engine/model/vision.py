@@ -52,14 +52,19 @@ class FullWidthRMSNorm(nn.Module):
 
 
 class InternViTAttention(MegatronModule):
+    """Self-attention over all patches. With `padded_num_heads`, heads past the checkpoint's count are
+    built with all-zero q/k/v/proj weights: their output is zero and so are their gradients, so they
+    stay zero while letting TP divide the heads (InternViT-6B: 25 heads -> 32 at TP=8)."""
+
     def __init__(self, config, vcfg, backend, layer_number: int, tp_group):
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
-        self.num_heads_local = vcfg.num_attention_heads // tp
-        self.head_dim = vcfg.hidden_size // vcfg.num_attention_heads
+        self.num_heads_local = vcfg.built_heads // tp
+        self.head_dim = vcfg.head_dim
         width = vcfg.hidden_size
+        inner = vcfg.built_heads * self.head_dim  # = width unless heads are padded
         self.linear_qkv = backend.column_parallel_linear()(
-            width, 3 * width, config=config, init_method=config.init_method, bias=vcfg.qkv_bias,
+            width, 3 * inner, config=config, init_method=config.init_method, bias=vcfg.qkv_bias,
             gather_output=False, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="vit_qkv",
             tp_group=tp_group,
         )
@@ -73,10 +78,25 @@ class InternViTAttention(MegatronModule):
             attention_type="self",
         )
         self.linear_proj = backend.row_parallel_linear()(
-            width, width, config=config, init_method=config.output_layer_init_method, bias=True,
+            inner, width, config=config, init_method=config.output_layer_init_method, bias=True,
             input_is_parallel=True, skip_bias_add=False, is_expert=False, tp_comm_buffer_name="vit_proj",
             tp_group=tp_group,
         )
+        if vcfg.built_heads > vcfg.num_attention_heads:
+            self._zero_padded_heads(vcfg.num_attention_heads, tp_group)
+
+    @torch.no_grad()
+    def _zero_padded_heads(self, real_heads: int, tp_group) -> None:
+        rank = torch.distributed.get_rank(tp_group) if tp_group is not None else 0
+        first_global = rank * self.num_heads_local
+        for local in range(self.num_heads_local):
+            if first_global + local < real_heads:
+                continue
+            rows = slice(local * 3 * self.head_dim, (local + 1) * 3 * self.head_dim)
+            self.linear_qkv.weight[rows] = 0
+            if self.linear_qkv.bias is not None:
+                self.linear_qkv.bias[rows] = 0
+            self.linear_proj.weight[:, local * self.head_dim : (local + 1) * self.head_dim] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, _ = x.shape  # (s, b, C)
@@ -158,6 +178,12 @@ class InternViT(MegatronModule):
         self.layers = nn.ModuleList(
             InternViTLayer(config, vcfg, backend, layer_number=i + 1, tp_group=tp_group) for i in range(n_used)
         )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """TP split from the parameters' own attributes (megatron's default calls a ModuleList replicated)."""
+        from engine.checkpoint.sharding import tp_sharded_state_dict
+
+        return tp_sharded_state_dict(self, prefix, sharded_offsets, metadata)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)  # (N, s, C)

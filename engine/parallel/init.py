@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.parallel import cpu_compat
+from engine.parallel import cpu_compat, megatron_fixes
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ def initialize(parallel_cfg, seed: int = 1234, timeout_minutes: int = 30):
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu_compat.activate()
+    megatron_fixes.apply()
     denv = read_dist_env()
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
     if denv.world_size % (tp * pp):

@@ -1,0 +1,14 @@
+"""Dispatch `train.stage` to its loop."""
+
+from __future__ import annotations
+
+
+def run_stage(cfg, resume: str | None = None) -> int:
+    stage = cfg.train.stage
+    if stage in ("sft", "align", "connector"):
+        from engine.train.trainer import run
+
+        return run(cfg, resume=resume)
+    raise NotImplementedError(
+        f"train.stage={stage} is not wired into tools/pretrain_vlm.py yet; the supported stages are sft, align, connector"
+    )

@@ -1,0 +1,202 @@
+"""The supervised training loop (connector alignment, SFT, connector-only tuning).
+
+One optimizer step = `global_batch_size` sequences = micro-batches x DP ranks, run with megatron's
+pipeline schedule; LR from the schedule; NaN/inf steps skipped and counted; checkpoints at intervals,
+on SIGTERM (Slurm preemption) and at the end; `--resume auto` continues bit-exactly from `latest`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from engine.config import to_dict
+from engine.train import checkpointing as ckpt
+from engine.train.flops import device_peak_flops, step_flops
+from engine.train.metrics import MetricsWriter
+from engine.train.optim import build_optimizer, lr_at, set_lr
+from engine.train.step import forward_backward
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg, resume: str | None = None):
+        from engine.data.loader import build_train_iterator
+        from engine.model.build import build_for_this_stage
+        from engine.parallel.init import initialize
+        from engine.parallel.wrap import wrap_ddp
+
+        self.cfg = cfg
+        self.pg = initialize(cfg.parallel, seed=cfg.train.seed)
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)
+        self.num_micro = cfg.train.num_microbatches(self.dp_size)
+        self.model = build_for_this_stage(cfg, self.pg)
+        self.ddp = wrap_ddp(self.model, cfg, self.pg)
+        self.optimizer = build_optimizer(cfg, [self.ddp])
+        self.step = 0
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
+        self._stop_requested = False
+
+        data_state = None
+        if resume:
+            ckpt.clean_partial(cfg.train.run_dir)
+            path = ckpt.latest_checkpoint(cfg.train.run_dir) if resume == "auto" else ckpt.Path(resume)
+            if path is not None:
+                meta, trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+                self.step = int(meta["step"])
+                same_dp = meta.get("dp_size") == self.dp_size
+                data_state = trainer_state.get("data") if same_dp else None
+                if not same_dp:
+                    self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
+                                 "the data order restarts from the beginning of the file")
+        self.data = build_train_iterator(cfg, self.dp_rank, self.dp_size, state=data_state)
+        self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.max_steps, start_step=self.step,
+                                     enabled=self.rank == 0)
+        self._peak_flops = device_peak_flops()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ------------------------------------------------------------------ helpers
+    def _notice(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"[engine] {text}", flush=True)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def _is_loss_reporter(self) -> bool:
+        """Last pipeline stage, TP rank 0: one reporter per DP replica."""
+        pp, tp = self.pg.pp, self.pg.tp
+        return dist.get_rank(pp) == dist.get_world_size(pp) - 1 and dist.get_rank(tp) == 0
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def banner(self) -> None:
+        params = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        totals = self._global_sum([params, trainable])  # collective: every rank calls banner()
+        c = self.cfg
+        lines = [
+            f"stage {c.train.stage} | world {dist.get_world_size()} = TP {c.parallel.tensor_model_parallel_size} x "
+            f"PP {c.parallel.pipeline_model_parallel_size} x DP {self.dp_size}",
+            f"parameters (all ranks' shards summed) {totals[0] / 1e6:.2f}M, trainable {totals[1] / 1e6:.2f}M | frozen: "
+            f"vision={c.model.vision.freeze} projector={c.model.projector.freeze} llm={c.model.llm.freeze}",
+            f"data {c.data.train_path} ({len(self.data.ctx.planner.source)} samples, format {c.data.format}, "
+            f"packing={c.data.packing}) | seq {c.train.seq_length} | global batch {c.train.global_batch_size} = "
+            f"{self.num_micro} micro-batches x {c.train.micro_batch_size} x DP {self.dp_size}",
+            f"steps {self.step} -> {c.train.max_steps} | run dir {c.train.run_dir}",
+        ]
+        self._notice("\n[engine] ".join(lines))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        microbatches = [next(self.data) for _ in range(self.num_micro)]
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        result = forward_backward(self.ddp, microbatches, self.pg, cfg.model.llm.vocab_size, cfg.train.loss_impl)
+        reporter = self._is_loss_reporter()
+        tokens_in = sum(int(mb["tokens"].numel()) for mb in microbatches)
+        tiles = sum(int(mb["tiles_per_row"].sum()) for mb in microbatches)
+        loss_sum, loss_tokens, seqs, n_tokens, n_tiles = self._global_sum([
+            result["loss_sum"] if reporter else 0.0,
+            result["num_tokens"] if reporter else 0.0,
+            sum(len(ids) for mb in microbatches for ids in mb["sample_ids"]) if reporter else 0.0,
+            tokens_in if reporter else 0.0,
+            tiles if reporter else 0.0,
+        ])
+        loss = loss_sum / max(loss_tokens, 1.0)
+        grad_norm = float(self.optimizer.get_grad_norm()) if math.isfinite(loss) else float("nan")
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+        else:
+            ok, grad_norm_after, _ = self.optimizer.step()
+            self.bad_steps_in_a_row = 0 if ok else self.bad_steps_in_a_row + 1
+            if not ok:
+                self.skipped_steps += 1
+                skipped = True
+        self.step += 1
+        dt = time.perf_counter() - t0
+        flops = step_flops(cfg.model, cfg.train.seq_length, int(n_tokens), int(n_tiles))
+        world = dist.get_world_size()
+        record = {
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+            "skipped_steps": self.skipped_steps, "loss_tokens": int(loss_tokens), "tokens_per_s": n_tokens / dt,
+            "samples_per_s": seqs / dt, "step_time_s": dt, "tflops_per_gpu": flops / dt / world / 1e12,
+            "mfu": (flops / dt / world / self._peak_flops) if self._peak_flops else None,
+            "memory_gb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                          else psutil.Process().memory_info().rss) / 2**30,
+            "data_skipped": dict(self.data.skips.counts) if hasattr(self.data.skips, "counts") else {},
+        }
+        return record
+
+    # ------------------------------------------------------------------ loop
+    def save(self) -> None:
+        c = self.cfg
+        ckpt.save_checkpoint(
+            c.train.run_dir, self.step, self.model, self.optimizer,
+            trainer_state={"data": self.data.state_dict(), "skipped_steps": self.skipped_steps},
+            meta={"config": to_dict(c), "dp_size": self.dp_size, "world_size": dist.get_world_size(),
+                  "tokenizer_path": c.data.tokenizer_path},
+            keep=c.train.keep_checkpoints,
+        )
+        self.metrics.message(f"[engine] checkpoint step {self.step} -> {ckpt.checkpoint_root(c.train.run_dir)}")
+
+    def fit(self) -> int:
+        c = self.cfg.train
+        self.banner()
+        last_saved = self.step
+        try:
+            while self.step < c.max_steps:
+                record = self.train_step()
+                if self.step % c.log_interval == 0 or self.step == c.max_steps:
+                    self.metrics.log(record)
+                if self.bad_steps_in_a_row >= c.max_bad_steps:
+                    self.save()
+                    raise TooManyBadSteps(
+                        f"{self.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient norm "
+                        f"(last loss {record['loss']}, grad norm {record['grad_norm']}); stopped with a checkpoint at "
+                        f"step {self.step}. Lower optim.lr, check the data, or raise train.max_bad_steps."
+                    )
+                stop = self._global_sum([float(self._stop_requested)])[0] > 0
+                if stop:
+                    self.save()
+                    self.metrics.message(f"[engine] SIGTERM: saved step {self.step}, exiting")
+                    return 0
+                if c.save_interval and self.step % c.save_interval == 0 and self.step < c.max_steps:
+                    self.save()
+                    last_saved = self.step
+            if last_saved != self.step:
+                self.save()
+        finally:
+            self.metrics.close()
+        return 0
+
+
+def run(cfg, resume: str | None = None) -> int:
+    os.makedirs(cfg.train.run_dir, exist_ok=True)
+    trainer = Trainer(cfg, resume=resume)
+    code = trainer.fit()
+    from engine.parallel.init import shutdown
+
+    shutdown()
+    return code
+
