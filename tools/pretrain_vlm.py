@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+# Known-harmless noise from torch/megatron on every step (deprecated collective names in megatron-core
+# 0.16.1, and megatron's schedule reading `.grad` of its own output tensors).
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor")
 
 
 def main(argv=None) -> int:

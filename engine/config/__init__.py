@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from engine.config.algorithm import AlgorithmConfig
 from engine.config.base import ConfigError, apply_overrides, deep_merge, field_, from_dict, to_dict, validate_tree
 from engine.config.data import DataConfig
 from engine.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
@@ -22,6 +23,7 @@ class Config:
     optim: OptimConfig = field_(factory=OptimConfig, help="optimizer and LR schedule")
     data: DataConfig = field_(factory=DataConfig, help="data files and pipeline")
     train: TrainConfig = field_(factory=TrainConfig, help="training loop")
+    algorithm: AlgorithmConfig = field_(factory=AlgorithmConfig, help="RL / preference algorithms (GRPO, MPO, SSB, rewards)")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -56,6 +58,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "LLMConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "LLMConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "ProjectorConfig", "TrainConfig", "VisionConfig", "field_", "load_config", "to_dict",
 ]

@@ -31,6 +31,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group, impl: s
     if impl == "fused":
         from kernels import fused_logprob_entropy
 
+        if valid < v:  # in place, no copy: the output layer's backward does not need its output
+            flat_logits[:, valid:] = float("-inf")
         logprobs, entropy = fused_logprob_entropy(flat_logits, flat_labels, temperature=temperature, tp_group=tp_group)
         return logprobs.view(b, s), entropy.view(b, s)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy

@@ -1,8 +1,9 @@
 """One optimizer step's forward/backward over micro-batches with megatron's pipeline schedules.
 
-The loss is the masked next-token NLL over assistant tokens, summed; megatron divides the gradients by
-the number of loss tokens of the whole global batch (`calculate_per_token_loss`), so the result is the
-same for any split into micro-batches, DP ranks, TP or PP.
+Losses follow megatron's per-token contract: a loss function returns (summed loss, count, report) and
+megatron divides the gradients by the count summed over the whole global batch
+(`calculate_per_token_loss`), so the result is the same for any split into micro-batches, DP ranks,
+TP or PP. The count is tokens for SFT and pairs for MPO.
 """
 
 from __future__ import annotations
@@ -35,36 +36,41 @@ def model_inputs(batch: dict) -> dict:
     )
 
 
-def masked_nll_loss(labels, loss_mask, tp_group, impl, vocab_size, logits):
-    """megatron loss_func contract: (summed loss, number of tokens, values to report)."""
-    logprobs, _ = token_logprobs(logits, labels, tp_group, impl, vocab_size=vocab_size)
-    mask = loss_mask.float()
+def masked_nll_loss(batch, tp_group, impl, vocab_size, logits):
+    """SFT: summed NLL over assistant tokens, their count, and what to report."""
+    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)
+    mask = batch["loss_mask"].float()
     per_token = -logprobs * mask  # (b, s)
     loss_sum = per_token.sum()
-    num_tokens = mask.sum().to(torch.int)
-    report = {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum().detach()]), "per_token_loss": per_token.detach()}
-    return loss_sum, num_tokens, report
+    report = {"lm loss": torch.stack([loss_sum.detach().clone(), mask.sum().detach()]),
+              "per_token_loss": per_token.detach()}
+    return loss_sum, mask.sum().to(torch.int), report
 
 
-def make_forward_step(tp_group, vocab_size: int, loss_impl: str = "reference"):
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(**model_inputs(batch))
-        return output, partial(masked_nll_loss, batch["labels"], batch["loss_mask"], tp_group, loss_impl, vocab_size)
-
-    return forward_step
+def sequence_logprobs(batch, tp_group, impl, vocab_size, logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log-probs of the learned (response) tokens and the number of such tokens."""
+    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)
+    mask = batch["loss_mask"].float()
+    return (logprobs * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def forward_backward(model, microbatches: list[dict], pg_collection, vocab_size: int,
-                     loss_impl: str = "reference", forward_only: bool = False) -> dict:
-    """Run all micro-batches (1F1B under PP). Returns {'loss', 'num_tokens', 'per_token_loss'} on the
-    last pipeline stage, {} elsewhere. `loss` is the token-mean over all micro-batches of this DP rank."""
+def nll_loss_factory(tp_group, vocab_size: int, impl: str = "reference"):
+    return lambda batch: partial(masked_nll_loss, batch, tp_group, impl, vocab_size)
+
+
+def forward_backward(model, microbatches: list[dict], pg_collection, loss_factory,
+                     forward_only: bool = False) -> list[dict]:
+    """Run all micro-batches (1F1B under PP). Returns each micro-batch's report on the last pipeline
+    stage, [] elsewhere. `loss_factory(batch)` gives the megatron loss function for that micro-batch."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(**model_inputs(batch)), loss_factory(batch)
+
     tokens = microbatches[0]["tokens"]
-    fb = get_forward_backward_func()
-    reports = fb(
-        forward_step_func=make_forward_step(pg_collection.tp, vocab_size, loss_impl),
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=[model],
         num_microbatches=len(microbatches),
@@ -72,12 +78,12 @@ def forward_backward(model, microbatches: list[dict], pg_collection, vocab_size:
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )
+
+
+def summarize_lm(reports: list[dict]) -> dict:
+    """SFT reports -> {'loss', 'loss_sum', 'num_tokens', 'per_token_loss'} of this DP rank."""
     if not reports:
         return {}
     sums = torch.stack([r["lm loss"] for r in reports]).sum(0)
-    return {
-        "loss": float(sums[0] / sums[1].clamp(min=1)),
-        "loss_sum": float(sums[0]),
-        "num_tokens": int(sums[1]),
-        "per_token_loss": [r["per_token_loss"] for r in reports],
-    }
+    return {"loss": float(sums[0] / sums[1].clamp(min=1)), "loss_sum": float(sums[0]), "num_tokens": int(sums[1]),
+            "per_token_loss": [r["per_token_loss"] for r in reports]}

@@ -21,7 +21,7 @@ from engine.train import checkpointing as ckpt
 from engine.train.flops import device_peak_flops, step_flops
 from engine.train.metrics import MetricsWriter
 from engine.train.optim import build_optimizer, lr_at, set_lr
-from engine.train.step import forward_backward
+from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
 
 
 class TooManyBadSteps(RuntimeError):
@@ -48,18 +48,23 @@ class Trainer:
         self.skipped_steps = 0
         self._stop_requested = False
 
-        data_state = None
+        resume_path = None
         if resume:
             ckpt.clean_partial(cfg.train.run_dir)
-            path = ckpt.latest_checkpoint(cfg.train.run_dir) if resume == "auto" else ckpt.Path(resume)
-            if path is not None:
-                meta, trainer_state = ckpt.load_checkpoint(path, self.model, self.optimizer)
-                self.step = int(meta["step"])
-                same_dp = meta.get("dp_size") == self.dp_size
-                data_state = trainer_state.get("data") if same_dp else None
-                if not same_dp:
-                    self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
-                                 "the data order restarts from the beginning of the file")
+            resume_path = ckpt.latest_checkpoint(cfg.train.run_dir) if resume == "auto" else ckpt.Path(resume)
+        self.setup_stage(resuming=resume_path is not None)
+
+        data_state = None
+        if resume_path is not None:
+            meta, trainer_state = ckpt.load_checkpoint(resume_path, self.model, self.optimizer)
+            self.step = int(meta["step"])
+            self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+            self.load_extra_state(trainer_state.get("extra", {}))
+            same_dp = meta.get("dp_size") == self.dp_size
+            data_state = trainer_state.get("data") if same_dp else None
+            if not same_dp:
+                self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
+                             "the data order restarts from the beginning of the file")
         self.data = build_train_iterator(cfg, self.dp_rank, self.dp_size, state=data_state)
         self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.max_steps, start_step=self.step,
                                      enabled=self.rank == 0)
@@ -101,6 +106,32 @@ class Trainer:
         ]
         self._notice("\n[engine] ".join(lines))
 
+    # ------------------------------------------------------------------ stage hooks
+    def loss_factory(self):
+        """megatron loss function per micro-batch (SFT: masked NLL over assistant tokens)."""
+        return nll_loss_factory(self.pg.tp, self.cfg.model.llm.vocab_size, self.cfg.train.loss_impl)
+
+    def setup_stage(self, resuming: bool) -> None:
+        """Stage-specific set-up after the model is built, before a checkpoint is loaded."""
+
+    def prepare(self, microbatches: list[dict]) -> None:
+        """Runs before forward/backward (MPO: the reference model's log-probs)."""
+
+    def report_sums(self, reports: list[dict]) -> dict[str, float]:
+        """This DP replica's additive metrics; must contain 'loss_sum' and 'count'."""
+        r = summarize_lm(reports)
+        return {"loss_sum": r["loss_sum"], "count": r["num_tokens"]}
+
+    def finish_metrics(self, sums: dict[str, float]) -> dict:
+        """Global sums -> logged fields (and stage state updates, e.g. MPO's δ)."""
+        return {"loss_tokens": int(sums["count"])}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -108,27 +139,29 @@ class Trainer:
         microbatches = [next(self.data) for _ in range(self.num_micro)]
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
+        self.prepare(microbatches)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        result = forward_backward(self.ddp, microbatches, self.pg, cfg.model.llm.vocab_size, cfg.train.loss_impl)
+        reports = forward_backward(self.ddp, microbatches, self.pg, self.loss_factory())
         reporter = self._is_loss_reporter()
+        local = self.report_sums(reports) if reporter else {}
+        keys = self._agree_on_keys(sorted(local))
         tokens_in = sum(int(mb["tokens"].numel()) for mb in microbatches)
         tiles = sum(int(mb["tiles_per_row"].sum()) for mb in microbatches)
-        loss_sum, loss_tokens, seqs, n_tokens, n_tiles = self._global_sum([
-            result["loss_sum"] if reporter else 0.0,
-            result["num_tokens"] if reporter else 0.0,
-            sum(len(ids) for mb in microbatches for ids in mb["sample_ids"]) if reporter else 0.0,
-            tokens_in if reporter else 0.0,
-            tiles if reporter else 0.0,
-        ])
-        loss = loss_sum / max(loss_tokens, 1.0)
-        grad_norm = float(self.optimizer.get_grad_norm()) if math.isfinite(loss) else float("nan")
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
+        seqs = sum(len(ids) for mb in microbatches for ids in mb["sample_ids"])
+        values = self._global_sum([local.get(k, 0.0) for k in keys]
+                                  + ([seqs, tokens_in, tiles] if reporter else [0.0, 0.0, 0.0]))
+        sums = dict(zip(keys, values[: len(keys)]))
+        seqs, n_tokens, n_tiles = values[len(keys):]
+        loss = sums["loss_sum"] / max(sums["count"], 1.0)
+        grad_norm = float("nan")
+        skipped = not (math.isfinite(loss) and self._grads_finite())
+        if skipped:  # a NaN/inf gradient would poison every weight through the clip coefficient
             self.skipped_steps += 1
             self.bad_steps_in_a_row += 1
         else:
-            ok, grad_norm_after, _ = self.optimizer.step()
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             self.bad_steps_in_a_row = 0 if ok else self.bad_steps_in_a_row + 1
             if not ok:
                 self.skipped_steps += 1
@@ -139,8 +172,9 @@ class Trainer:
         world = dist.get_world_size()
         record = {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-            "skipped_steps": self.skipped_steps, "loss_tokens": int(loss_tokens), "tokens_per_s": n_tokens / dt,
-            "samples_per_s": seqs / dt, "step_time_s": dt, "tflops_per_gpu": flops / dt / world / 1e12,
+            "skipped_steps": self.skipped_steps, **self.finish_metrics(sums),
+            "tokens_per_s": n_tokens / dt, "samples_per_s": seqs / dt, "step_time_s": dt,
+            "tflops_per_gpu": flops / dt / world / 1e12,
             "mfu": (flops / dt / world / self._peak_flops) if self._peak_flops else None,
             "memory_gb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                           else psutil.Process().memory_info().rss) / 2**30,
@@ -148,12 +182,29 @@ class Trainer:
         }
         return record
 
+    def _grads_finite(self) -> bool:
+        """All ranks agree whether every local gradient is finite (before the optimizer touches them)."""
+        bad = 0.0
+        for p in self.model.parameters():
+            g = getattr(p, "main_grad", None)
+            if p.requires_grad and g is not None and not bool(torch.isfinite(g).all()):
+                bad = 1.0
+                break
+        return self._global_sum([bad])[0] == 0
+
+    def _agree_on_keys(self, keys: list[str]) -> list[str]:
+        """Reporter ranks know the metric names; broadcast them so every rank reduces the same vector."""
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, keys)
+        return max(objs, key=len)
+
     # ------------------------------------------------------------------ loop
     def save(self) -> None:
         c = self.cfg
         ckpt.save_checkpoint(
             c.train.run_dir, self.step, self.model, self.optimizer,
-            trainer_state={"data": self.data.state_dict(), "skipped_steps": self.skipped_steps},
+            trainer_state={"data": self.data.state_dict(), "skipped_steps": self.skipped_steps,
+                           "extra": self.extra_state()},
             meta={"config": to_dict(c), "dp_size": self.dp_size, "world_size": dist.get_world_size(),
                   "tokenizer_path": c.data.tokenizer_path},
             keep=c.train.keep_checkpoints,

@@ -76,7 +76,7 @@ def run(args) -> None:
     from engine.parallel import full_state as fs
     from engine.parallel.init import initialize
     from engine.parallel.wrap import unwrap, wrap_ddp
-    from engine.train.step import forward_backward
+    from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
 
     out = Path(args.out)
     overrides = TINY + [f"parallel.tensor_model_parallel_size={args.tp}",
@@ -108,7 +108,7 @@ def run(args) -> None:
     ddp = wrap_ddp(model, cfg, pg)
     batches = make_batches(cfg)
     ddp.zero_grad_buffer()
-    result = forward_backward(ddp, batches, pg, vocab, loss_impl=args.loss_impl)
+    result = summarize_lm(forward_backward(ddp, batches, pg, nll_loss_factory(pg.tp, vocab, args.loss_impl)))
     grads = fs.full_state(unwrap(ddp), pg.tp, vocab, grads=True)
     saved = {"grads": grads}
     if result:
@@ -131,7 +131,7 @@ def run_freeze(args, cfg, pg, out: Path) -> None:
     from engine.model.build import build_for_this_stage
     from engine.parallel.wrap import unwrap, wrap_ddp
     from engine.train.optim import build_optimizer
-    from engine.train.step import forward_backward
+    from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
 
     report = {}
     for case, frozen in FREEZE_CASES.items():
@@ -142,7 +142,7 @@ def run_freeze(args, cfg, pg, out: Path) -> None:
         before = {n: p.detach().clone() for n, p in unwrap(ddp).named_parameters()}
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        forward_backward(ddp, make_batches(cfg), pg, cfg.model.llm.vocab_size)
+        forward_backward(ddp, make_batches(cfg), pg, nll_loss_factory(pg.tp, cfg.model.llm.vocab_size))
         ok, _, _ = optimizer.step()
         assert ok, "optimizer step was skipped"
         report[case] = {n: bool((p.detach() != before[n]).any()) for n, p in unwrap(ddp).named_parameters()}

@@ -53,11 +53,16 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
     return out / "init.pt", merged(out)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_layout_matches_tp1_pp1(reference, tmp_path, tp, pp):
+@pytest.mark.parametrize(
+    "tp,pp,loss_impl",
+    [(2, 1, "reference"), (1, 2, "reference"), (2, 2, "reference"), (2, 1, "fused")],
+    ids=["tp2", "pp2", "tp2xpp2", "tp2-fused-triton-loss"],
+)
+def test_layout_matches_tp1_pp1(reference, tmp_path, tp, pp, loss_impl):
+    """The reference run uses megatron's vocab-parallel cross entropy; the fused run the Triton kernel."""
     init, ref = reference
-    torchrun(WORKER, ["--mode", "compare", "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp_path)],
-             nproc=tp * pp)
+    torchrun(WORKER, ["--mode", "compare", "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp_path),
+                      "--loss-impl", loss_impl], nproc=tp * pp)
     got = merged(tmp_path)
     # every parameter of the model has a gradient to compare, image rows and text-only rows both ran
     assert len(got["grads"]) == len(ref["grads"]) > 60

@@ -1,0 +1,30 @@
+"""Triton kernels for the RL loss path: fused log-prob/entropy and fused clipped GRPO loss.
+
+Importing this package on a machine without CUDA switches Triton to its CPU interpreter
+(see kernels/_triton_env.py), so the same calls work in CPU tests and in the CPU engine.
+"""
+
+from kernels._triton_env import INTERPRET
+from kernels.grpo_loss import AGGREGATION_MODES, aggregate_loss, fused_grpo_loss
+from kernels.logprob_entropy import IGNORE_INDEX, fused_logprob_entropy
+from kernels.reference import (
+    KL_TYPES,
+    grpo_loss_reference,
+    grpo_token_loss_reference,
+    kl_estimate_reference,
+    logprob_entropy_reference,
+)
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "IGNORE_INDEX",
+    "INTERPRET",
+    "KL_TYPES",
+    "aggregate_loss",
+    "fused_grpo_loss",
+    "fused_logprob_entropy",
+    "grpo_loss_reference",
+    "grpo_token_loss_reference",
+    "kl_estimate_reference",
+    "logprob_entropy_reference",
+]

@@ -1,0 +1,292 @@
+"""Fused GRPO/PPO clipped-surrogate loss straight from logits `[T, V]` (or a vocab-parallel shard).
+
+Per token t (all fp32), with logprob = log softmax(logits / temperature)[target]:
+    ratio  = exp(clamp(logprob - old_logprob, -20, 20))
+    pg     = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+    pg     = min(pg, -c * A)              if dual_clip_c and A < 0     (dual-clip PPO)
+    loss   = loss_mask * (pg + kl_coef * D(logprob, ref_logprob))      D in {k1, k2, k3}
+
+Forward: the logprob/entropy pass of `kernels/logprob_entropy.py` with the token math above in the
+same kernel's epilogue; it also stores dloss/dlogprob per token (an elementwise function of the
+token's own values). Backward: grad_logprob = grad_loss * dloss/dlogprob, chained into the same
+recomputing dlogits kernel as the logprob/entropy backward: one read of the logits and one write
+of dlogits, no [T, V] fp32 tensor anywhere. Vocab-parallel: the shard partials are all-reduced first
+(see logprob_entropy.py), then the same epilogue runs as an elementwise kernel over [T].
+
+`aggregate_loss` (token-mean / seq-mean-token-mean / seq-mean-token-sum) is plain torch below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels import logprob_entropy as lpe
+from kernels.logprob_entropy import finalize_row_stats, load_target_z, shard_softmax_stats
+from kernels._triton_env import quiet_masked_lanes, tl, triton
+from kernels.reference import IGNORE_INDEX, K3_MAX, KL_TYPES, LOG_RATIO_CLAMP
+
+# ----------------------------------------------------------------------------------------------
+# Tuning constants
+# ----------------------------------------------------------------------------------------------
+ELEMENTWISE_BLOCK = 1024
+"""Rows per program for the [T]-sized epilogue in the vocab-parallel path: a plain elementwise op,
+1024 fp32 = 4 KB per operand per program (numpy-vectorized in the interpreter)."""
+_KL_TYPE_IDS = {name: i + 1 for i, name in enumerate(KL_TYPES)}  # constexpr ids: k1=1, k2=2, k3=3
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def grpo_token_math(lp, old, adv, mask, ref, clip_low, clip_high, dual_c, kl_coef,
+                    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+                    LR_CLAMP: tl.constexpr, KL_MAX: tl.constexpr):
+    """(loss, dloss/dlogprob, ratio, kl, clipped_low, clipped_high, dual_clipped) per token."""
+    raw = lp - old
+    log_ratio = tl.minimum(tl.maximum(raw, -LR_CLAMP), LR_CLAMP)
+    ratio = tl.exp(log_ratio)
+    dratio = tl.where((raw >= -LR_CLAMP) & (raw <= LR_CLAMP), ratio, 0.0)  # clamp passes no grad
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    use_clipped = pg_clipped > pg_unclipped  # only possible outside the clip range: zero grad there
+    pg = tl.where(use_clipped, pg_clipped, pg_unclipped)
+    dpg = tl.where(use_clipped, 0.0, -adv * dratio)
+    clipped_high = use_clipped & (adv > 0)
+    clipped_low = use_clipped & (adv < 0)
+    if HAS_DUAL:
+        pg_dual = -adv * dual_c
+        dual_clipped = (adv < 0) & (pg_dual < pg)
+        pg = tl.where(dual_clipped, pg_dual, pg)
+        dpg = tl.where(dual_clipped, 0.0, dpg)
+    else:
+        dual_clipped = adv != adv  # all False, same shape
+    if HAS_REF:
+        if KL_TYPE == 1:  # k1 = log pi - log pi_ref
+            kl = lp - ref
+            dkl = tl.full(lp.shape, 1.0, tl.float32)
+        elif KL_TYPE == 2:  # k2 = 0.5 (log pi - log pi_ref)^2
+            kl = 0.5 * (lp - ref) * (lp - ref)
+            dkl = lp - ref
+        else:  # k3 = exp(ref - lp) - (ref - lp) - 1, clamped like verl's low_var_kl
+            raw_kl = ref - lp
+            lr = tl.minimum(tl.maximum(raw_kl, -LR_CLAMP), LR_CLAMP)
+            e = tl.exp(lr)
+            k3 = e - lr - 1.0
+            kl = tl.minimum(k3, KL_MAX)
+            in_range = (raw_kl >= -LR_CLAMP) & (raw_kl <= LR_CLAMP) & (k3 <= KL_MAX)
+            dkl = tl.where(in_range, 1.0 - e, 0.0)
+        loss = mask * (pg + kl_coef * kl)
+        coef = mask * (dpg + kl_coef * dkl)
+    else:
+        kl = tl.zeros(lp.shape, tl.float32)
+        loss = mask * pg
+        coef = mask * dpg
+    return loss, coef, ratio, kl, clipped_low, clipped_high, dual_clipped
+
+
+@triton.jit
+def _grpo_fwd_kernel(
+    x_ptr, tgt_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
+    loss_ptr, coef_ptr, lp_ptr, ent_ptr, ratio_ptr, kl_ptr, flags_ptr, m_ptr, log_s_ptr,
+    T, V, stride_row, temperature, clip_low, clip_high, dual_c, kl_coef,
+    FROM_LOGITS: tl.constexpr, HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_TYPE: tl.constexpr,
+    LR_CLAMP: tl.constexpr, KL_MAX: tl.constexpr, IGNORE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """FROM_LOGITS: logprob/entropy pass + token epilogue. Else: epilogue only, lp read from lp_ptr."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    if FROM_LOGITS:
+        m, s, w = shard_softmax_stats(x_ptr, stride_row, rows, row_mask, V, temperature,
+                                      BLOCK_T, BLOCK_V)
+        valid, tgt_local, z_t = load_target_z(x_ptr, tgt_ptr, stride_row, rows, row_mask, 0, V,
+                                              temperature, IGNORE)
+        lp, ent, log_s, ez_rel = finalize_row_stats(m, s, w, z_t, valid)
+        tl.store(lp_ptr + rows, lp, mask=row_mask)
+        tl.store(ent_ptr + rows, ent, mask=row_mask)
+        tl.store(m_ptr + rows, m, mask=row_mask)
+        tl.store(log_s_ptr + rows, log_s, mask=row_mask)
+    else:
+        lp = tl.load(lp_ptr + rows, mask=row_mask, other=0.0)
+    old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
+    adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
+    mask = tl.load(mask_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_REF:
+        ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
+    else:
+        ref = lp
+    loss, coef, ratio, kl, c_low, c_high, c_dual = grpo_token_math(
+        lp, old, adv, mask, ref, clip_low, clip_high, dual_c, kl_coef,
+        HAS_DUAL, HAS_REF, KL_TYPE, LR_CLAMP, KL_MAX)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(coef_ptr + rows, coef, mask=row_mask)
+    tl.store(ratio_ptr + rows, ratio, mask=row_mask)
+    tl.store(kl_ptr + rows, kl, mask=row_mask)
+    tl.store(flags_ptr + rows, c_low.to(tl.int8), mask=row_mask)  # flags: [3, T] int8
+    tl.store(flags_ptr + T + rows, c_high.to(tl.int8), mask=row_mask)
+    tl.store(flags_ptr + 2 * T + rows, c_dual.to(tl.int8), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _token_vector(x: torch.Tensor, name: str, T: int, device) -> torch.Tensor:
+    if x.shape != (T,):
+        raise ValueError(f"{name} must be [T]={T} (one value per token; broadcast per-sequence values "
+                         f"to tokens first), got {tuple(x.shape)}.")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logits are on {device}; put both on one device.")
+    return x.detach().float().contiguous()
+
+
+def grpo_forward(logits, targets, old, adv, mask, ref, temperature, tp_group, vocab_start, cfg):
+    """Returns (loss, coef, logprob, entropy, ratio, kl, flags[3, T] int8, m, log_s)."""
+    T, v_shard = logits.shape
+    dev = logits.device
+    loss, coef, ratio, kl = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(4))
+    flags = torch.empty(3, T, dtype=torch.int8, device=dev)
+    consts = dict(HAS_DUAL=cfg["dual_clip_c"] is not None, HAS_REF=ref is not None,
+                  KL_TYPE=_KL_TYPE_IDS[cfg["kl_type"]], LR_CLAMP=LOG_RATIO_CLAMP, KL_MAX=K3_MAX,
+                  IGNORE=IGNORE_INDEX)
+    scalars = (temperature, cfg["clip_eps_low"], cfg["clip_eps_high"],
+               float(cfg["dual_clip_c"] or 0.0), cfg["kl_coef"])
+    ref_arg = ref if ref is not None else old  # never read when HAS_REF is off
+    if tp_group is None:
+        lp, ent, m, log_s = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(4))
+        bt, bv = lpe.block_sizes(v_shard)
+        if T > 0:
+            with quiet_masked_lanes():
+                _grpo_fwd_kernel[(triton.cdiv(T, bt),)](
+                    logits, targets, old, adv, mask, ref_arg, loss, coef, lp, ent, ratio, kl, flags, m,
+                    log_s, T, v_shard, logits.stride(0), *scalars, FROM_LOGITS=True, **consts,
+                    BLOCK_T=bt, BLOCK_V=bv, num_warps=lpe.NUM_WARPS)
+    else:
+        lp, ent, m, log_s, _ = lpe.logprob_entropy_forward(logits, targets, temperature, tp_group,
+                                                            vocab_start)
+        if T > 0:  # epilogue only: BLOCK_V is unused, 4 warps cover 1024 elementwise lanes
+            with quiet_masked_lanes():
+                _grpo_fwd_kernel[(triton.cdiv(T, ELEMENTWISE_BLOCK),)](
+                    logits, targets, old, adv, mask, ref_arg, loss, coef, lp, ent, ratio, kl, flags, m,
+                    log_s, T, v_shard, logits.stride(0), *scalars, FROM_LOGITS=False, **consts,
+                    BLOCK_T=ELEMENTWISE_BLOCK, BLOCK_V=16, num_warps=4)
+    return loss, coef, lp, ent, ratio, kl, flags, m, log_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class GrpoLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, old, adv, mask, ref, temperature, tp_group, cfg):
+        vocab_start, _ = lpe.check_inputs(logits, targets, tp_group)
+        temp = lpe.temperature_value(temperature)
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        loss, coef, lp, ent, ratio, kl, flags, m, log_s = grpo_forward(
+            logits, targets, old, adv, mask, ref, temp, tp_group, vocab_start, cfg)
+        ctx.save_for_backward(logits, targets, m, log_s, coef)
+        ctx.temp, ctx.vocab_start, ctx.tp_group = temp, vocab_start, tp_group
+        ctx.temp_meta = (temperature.shape, temperature.dtype) if torch.is_tensor(temperature) else None
+        flags = flags.view(torch.bool)
+        ctx.mark_non_differentiable(lp, ent, ratio, kl, flags)
+        ctx.set_materialize_grads(False)
+        return loss, lp, ent, ratio, kl, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        logits, targets, m, log_s, coef = ctx.saved_tensors
+        if grad_loss is None:  # only the (non-differentiable) stats were used
+            return (None,) * 9
+        compute_dtemp = ctx.temp_meta is not None and ctx.needs_input_grad[6]
+        g_lp = grad_loss.float() * coef  # [T]: chain rule through the elementwise token loss
+        dlogits, dtemp = lpe.logprob_entropy_backward(
+            logits, targets, m, log_s, m, g_lp, None, ctx.temp, ctx.vocab_start, compute_dtemp,
+            ctx.tp_group)
+        if dtemp is not None:
+            shape, dtype = ctx.temp_meta
+            dtemp = dtemp.reshape(shape).to(dtype)
+        return (dlogits if ctx.needs_input_grad[0] else None,
+                None, None, None, None, None, dtemp, None, None)
+
+
+def fused_grpo_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    temperature: float | torch.Tensor = 1.0,
+    tp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped GRPO loss [T] (fp32, differentiable w.r.t. logits and temperature) + stats.
+
+    logits [T, V] or this rank's [T, V/tp] shard with `tp_group`; targets [T] int64 (-100: ignored,
+    loss 0); old_logprobs, advantages, loss_mask, ref_logprobs: [T] per token (not differentiated).
+    stats (detached, [T]): logprobs, entropy, ratio, kl (zeros without ref_logprobs), and bool flags
+    clipped_low (A < 0, ratio < 1 - eps_low), clipped_high (A > 0, ratio > 1 + eps_high), dual_clipped.
+    Reduce with `aggregate_loss`.
+    """
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}.")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs; pass them or set kl_coef=0.")
+    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
+        raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got "
+                         f"{clip_eps_low}, {clip_eps_high}.")
+    if dual_clip_c is not None and not dual_clip_c > 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (typically 3), got {dual_clip_c}; None disables it.")
+    T = logits.shape[0]
+    dev = logits.device
+    old = _token_vector(old_logprobs, "old_logprobs", T, dev)
+    adv = _token_vector(advantages, "advantages", T, dev)
+    mask = _token_vector(loss_mask, "loss_mask", T, dev)
+    if targets.shape == (T,):
+        mask = mask * (targets != IGNORE_INDEX)  # an unlabeled position never carries loss
+    ref = None if ref_logprobs is None else _token_vector(ref_logprobs, "ref_logprobs", T, dev)
+    cfg = dict(clip_eps_low=float(clip_eps_low), clip_eps_high=float(clip_eps_high),
+               dual_clip_c=dual_clip_c, kl_coef=float(kl_coef), kl_type=kl_type)
+    loss, lp, ent, ratio, kl, flags = GrpoLossFunction.apply(
+        logits, targets, old, adv, mask, ref, temperature, tp_group, cfg)
+    stats = {"logprobs": lp, "entropy": ent, "ratio": ratio, "kl": kl,
+             "clipped_low": flags[0], "clipped_high": flags[1], "dual_clipped": flags[2]}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation (plain torch; not a kernel)
+# ----------------------------------------------------------------------------------------------
+AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def aggregate_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a [B, S] per-token loss to a scalar.
+
+    token-mean:          sum(loss * mask) / sum(mask) over the whole batch (DAPO-style).
+    seq-mean-token-mean: mean over sequences of each sequence's masked token mean (original GRPO).
+    seq-mean-token-sum:  mean over sequences of each sequence's masked token sum (Dr. GRPO-style).
+    Sequences with no loss tokens are left out of the sequence means (they carry no signal);
+    a batch with no loss tokens at all gives 0 (still differentiable).
+    """
+    if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
+        raise ValueError(f"per_token_loss and loss_mask must both be [B, S] (reshape packed [T] "
+                         f"tensors per sequence first), got {tuple(per_token_loss.shape)} and "
+                         f"{tuple(loss_mask.shape)}.")
+    mask = loss_mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    if mode == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    tokens_per_seq = mask.sum(-1)  # [B]
+    has_tokens = (tokens_per_seq > 0).to(per_token_loss.dtype)
+    n_seqs = has_tokens.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(-1) / tokens_per_seq.clamp(min=1.0) * has_tokens).sum() / n_seqs
+    if mode == "seq-mean-token-sum":
+        return (masked.sum(-1) * has_tokens).sum() / n_seqs
+    raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}.")
