@@ -24,6 +24,24 @@ class CMakeBuild(build_ext):
     engine.data.packing falls back to pure Python (identical packs, slower) and warns at import;
     the failure is printed here and kept in build/native_build.log."""
 
+    failed: set = set()
+
+    def copy_extensions_to_source(self) -> None:
+        # --inplace / editable installs copy each built extension into the tree; skip the ones that failed
+        keep = self.extensions
+        self.extensions = [e for e in keep if e.name not in self.failed]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = keep
+
+    def get_outputs(self) -> list:
+        return [o for e, o in zip(self.extensions, super().get_outputs()) if e.name not in self.failed]
+
+    def get_output_mapping(self) -> dict:
+        built = {self.get_ext_fullpath(e.name) for e in self.extensions if e.name not in self.failed}
+        return {k: v for k, v in super().get_output_mapping().items() if not k.endswith(".so") or k in built or v in built}
+
     def build_extension(self, ext: Extension) -> None:
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = ROOT / "build" / "cmake"
@@ -44,6 +62,7 @@ class CMakeBuild(build_ext):
         except (OSError, RuntimeError) as e:
             NATIVE_BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
             NATIVE_BUILD_LOG.write_text("\n".join(log) + f"\n{e}\n")
+            self.failed.add(ext.name)
             sys.stderr.write(
                 f"\n*** WARNING: native extension {ext.name} was NOT built ({e}); the pure-Python packer "
                 f"will be used. Details: {NATIVE_BUILD_LOG}\n\n"

@@ -23,6 +23,9 @@ class TrainConfig:
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
     max_bad_steps: int = field_(5, "stop (with a checkpoint) after this many non-finite steps in a row")
+    eval_interval: int = field_(0, "steps between validation-loss evaluations on data.valid_path (0: never)")
+    eval_batches: int = field_(4, "global batches per evaluation (the same ones every time)")
+    early_stopping_patience: int = field_(0, "stop when validation loss has not improved for this many evals (0: off)")
 
     def validate(self, root) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -32,6 +35,10 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        if (self.eval_interval or self.early_stopping_patience) and not root.data.valid_path:
+            raise ConfigError("train.eval_interval / train.early_stopping_patience need data.valid_path (a JSONL file)")
+        if self.early_stopping_patience and not self.eval_interval:
+            raise ConfigError("train.early_stopping_patience needs train.eval_interval > 0")
         if self.seq_length > root.model.llm.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_length={self.seq_length} exceeds model.llm.max_position_embeddings="

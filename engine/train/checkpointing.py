@@ -151,3 +151,34 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
     if same_world:
         _set_rng_state(trainer_state["rng"])
     return meta, trainer_state
+
+
+def save_model_only(path: str | Path, model, meta: dict) -> None:
+    """Model weights alone (e.g. MPO's frozen reference), same atomic temp-dir + rename."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_model_only(path: str | Path, model) -> dict:
+    """Load model weights from a checkpoint written by save_checkpoint or save_model_only (any TP/PP)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])
+    return json.loads((path / "meta.json").read_text())

@@ -198,6 +198,24 @@ class Trainer:
         dist.all_gather_object(objs, keys)
         return max(objs, key=len)
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float:
+        """Token-mean validation loss over the first `eval_batches` global batches of data.valid_path."""
+        from engine.data.loader import build_train_iterator
+
+        c = self.cfg
+        data = build_train_iterator(c, self.dp_rank, self.dp_size, path=c.data.valid_path)
+        loss_sum = count = 0.0
+        with torch.no_grad():
+            for _ in range(c.train.eval_batches):
+                micro = [next(data) for _ in range(self.num_micro)]
+                reports = forward_backward(self.ddp, micro, self.pg, self.loss_factory(), forward_only=True)
+                if self._is_loss_reporter():
+                    r = summarize_lm(reports)
+                    loss_sum, count = loss_sum + r["loss_sum"], count + r["num_tokens"]
+        total, n = self._global_sum([loss_sum, count])
+        return total / max(n, 1.0)
+
     # ------------------------------------------------------------------ loop
     def save(self) -> None:
         c = self.cfg
@@ -215,9 +233,17 @@ class Trainer:
         c = self.cfg.train
         self.banner()
         last_saved = self.step
+        best, evals_since_best = float("inf"), 0
         try:
             while self.step < c.max_steps:
                 record = self.train_step()
+                if c.eval_interval and self.step % c.eval_interval == 0:
+                    record["valid_loss"] = self.evaluate()
+                    if record["valid_loss"] < best:
+                        best, evals_since_best = record["valid_loss"], 0
+                    else:
+                        evals_since_best += 1
+                    record["early_stop"] = bool(c.early_stopping_patience and evals_since_best >= c.early_stopping_patience)
                 if self.step % c.log_interval == 0 or self.step == c.max_steps:
                     self.metrics.log(record)
                 if self.bad_steps_in_a_row >= c.max_bad_steps:
@@ -227,6 +253,11 @@ class Trainer:
                         f"(last loss {record['loss']}, grad norm {record['grad_norm']}); stopped with a checkpoint at "
                         f"step {self.step}. Lower optim.lr, check the data, or raise train.max_bad_steps."
                     )
+                if record.get("early_stop"):
+                    self.save()
+                    self.metrics.message(f"[engine] early stopping at step {self.step}: validation loss has not improved "
+                                         f"for {evals_since_best} evaluations (best {best:.4f})")
+                    return 0
                 stop = self._global_sum([float(self._stop_requested)])[0] > 0
                 if stop:
                     self.save()

@@ -1,0 +1,145 @@
+"""Collate: loaded samples -> the micro-batch dict the model consumes.
+
+SFT (packed or not), one dict per micro-batch, B rows of S = train.seq_length:
+    tokens        int64   [B, S]  input ids, padded with the pad id
+    labels        int64   [B, S]  labels[:, i] = tokens[:, i+1] of the same sample (pad id at a sample's
+                                  last position and in padding; masked there)
+    loss_mask     float32 [B, S]  1.0 where labels[:, i] is an assistant token to learn
+    position_ids  int64   [B, S]  0, 1, ... restarting for every packed sample (0 in padding)
+    segment_ids   int64   [B, S]  packed samples of a row numbered 1..k, padding 0 (attend only within
+                                  equal ids, causally)
+    pixel_values  float32 [N, 3, T, T]  every tile of every image, in order of appearance (row-major over
+                                  batch then sequence); [0, 3, T, T] without images
+    tiles_per_row int64   [B]
+    sample_ids    list[list[str]] ids of the samples in each row
+Number of image tokens in row b == tiles_per_row[b] * tokens_per_tile (checked here).
+
+Preference: rows 2i = chosen, 2i+1 = rejected of pair i (each row one sample, never packed), plus
+    pair_index int64 [B] (= i for both rows) and scores float32 [B] (NaN when the file has none).
+    The pair's images appear twice in pixel_values, once per row, so each row owns its tiles.
+RL prompts: see `collate_rl`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from engine.data.dataset import LoadedSample
+
+
+def _check_image_tokens(tokens: np.ndarray, tiles: int, tokens_per_tile: int, image_token_id: int, ids) -> None:
+    n = int((tokens == image_token_id).sum())
+    if n != tiles * tokens_per_tile:
+        raise AssertionError(
+            f"row with samples {ids}: {n} image tokens but {tiles} tiles x {tokens_per_tile} = {tiles * tokens_per_tile}; "
+            "tokenizer image token id and model.image_token_id / tokens_per_tile disagree"
+        )
+
+
+def collate_rows(rows: list[list[tuple[np.ndarray, np.ndarray, str]]], pixels: list[list[torch.Tensor]],
+                 seq_length: int, pad_id: int, tokens_per_tile: int, image_token_id: int, tile_size: int) -> dict:
+    """rows[b] = [(tokens int64 [L], learn bool [L], sample_id), ...] packed in that order; pixels[b] = the
+    rows' per-sample tile tensors in the same order."""
+    B, S = len(rows), seq_length
+    tokens = np.full((B, S), pad_id, dtype=np.int64)
+    labels = np.full((B, S), pad_id, dtype=np.int64)
+    loss_mask = np.zeros((B, S), dtype=np.float32)
+    position_ids = np.zeros((B, S), dtype=np.int64)
+    segment_ids = np.zeros((B, S), dtype=np.int64)
+    tiles_per_row = np.zeros(B, dtype=np.int64)
+    sample_ids: list[list[str]] = []
+    for b, row in enumerate(rows):
+        pos = 0
+        for k, (tok, learn, _) in enumerate(row):
+            n = len(tok)
+            if pos + n > S:
+                raise ValueError(f"row {b} ({[r[2] for r in row]}) holds {pos + n} tokens > seq_length={S}")
+            tokens[b, pos : pos + n] = tok
+            labels[b, pos : pos + n - 1] = tok[1:]
+            loss_mask[b, pos : pos + n - 1] = learn[1:]  # the label of position i is token i+1
+            position_ids[b, pos : pos + n] = np.arange(n)
+            segment_ids[b, pos : pos + n] = k + 1
+            pos += n
+        tiles_per_row[b] = sum(int(p.shape[0]) for p in pixels[b])
+        sample_ids.append([r[2] for r in row])
+        _check_image_tokens(tokens[b, :pos], int(tiles_per_row[b]), tokens_per_tile, image_token_id, sample_ids[-1])
+    flat = [p for row_pixels in pixels for p in row_pixels if p.shape[0]]
+    pixel_values = torch.cat(flat, dim=0) if flat else torch.zeros(0, 3, tile_size, tile_size)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "position_ids": torch.from_numpy(position_ids),
+        "segment_ids": torch.from_numpy(segment_ids),
+        "pixel_values": pixel_values.float(),
+        "tiles_per_row": torch.from_numpy(tiles_per_row),
+        "sample_ids": sample_ids,
+    }
+
+
+def collate_sft(rows: list[list[LoadedSample]], seq_length: int, pad_id: int, tokens_per_tile: int,
+                image_token_id: int, tile_size: int) -> dict:
+    return collate_rows(
+        [[(s.planned.tokens, s.planned.learn, s.planned.id) for s in row] for row in rows],
+        [[s.pixel_values for s in row] for row in rows],
+        seq_length, pad_id, tokens_per_tile, image_token_id, tile_size,
+    )
+
+
+def collate_preference(pairs: list[LoadedSample], seq_length: int, pad_id: int, tokens_per_tile: int,
+                       image_token_id: int, tile_size: int) -> dict:
+    rows, pixels, pair_index, scores = [], [], [], []
+    for i, s in enumerate(pairs):
+        p = s.planned
+        rows += [[(p.tokens, p.learn, p.id)], [(p.rejected.tokens, p.rejected.learn, p.id)]]
+        pixels += [[s.pixel_values], [s.pixel_values]]
+        pair_index += [i, i]
+        scores += [math.nan if v is None else v for v in p.scores]
+    batch = collate_rows(rows, pixels, seq_length, pad_id, tokens_per_tile, image_token_id, tile_size)
+    batch["pair_index"] = torch.tensor(pair_index, dtype=torch.int64)
+    batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+    return batch
+
+
+def collate_rl(prompts: list[LoadedSample], pad_id: int, tile_size: int) -> dict:
+    """RL prompts (no labels): the generation prompt of each sample, right-padded.
+        tokens         int64 [B, Lmax]   prompt ids, padded with the pad id
+        prompt_lengths int64 [B]
+        prompt_ids     list[list[int]]   unpadded (what a rollout engine takes)
+        pixel_values   float32 [N, 3, T, T], tiles_per_row int64 [B], sample_ids list[list[str]]
+        image_paths    list[list[str]]   the files (rollout engines that want PIL images reopen them)
+        answers        list[str] gold answers; answer_types list[str] ("free-form" | "multiple-choice")"""
+    B = len(prompts)
+    lmax = max((len(s.planned) for s in prompts), default=0)
+    tokens = np.full((B, lmax), pad_id, dtype=np.int64)
+    for b, s in enumerate(prompts):
+        tokens[b, : len(s.planned)] = s.planned.tokens
+    flat = [s.pixel_values for s in prompts if s.pixel_values.shape[0]]
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "prompt_lengths": torch.tensor([len(s.planned) for s in prompts], dtype=torch.int64),
+        "prompt_ids": [s.planned.tokens.tolist() for s in prompts],
+        "pixel_values": torch.cat(flat) if flat else torch.zeros(0, 3, tile_size, tile_size),
+        "tiles_per_row": torch.tensor([s.pixel_values.shape[0] for s in prompts], dtype=torch.int64),
+        "sample_ids": [[s.planned.id] for s in prompts],
+        "image_paths": [[str(p) for p in s.planned.images] for s in prompts],
+        "answers": [s.planned.answer for s in prompts],
+        "answer_types": [s.planned.answer_type for s in prompts],
+    }
+
+
+def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """For megatron PackedSeqParams (THD): boundaries of every segment over the flattened [B*S] batch,
+    each row's padding tail counted as one more segment. Returns (cu_seqlens int32 [n+1], max_seqlen)."""
+    B, S = segment_ids.shape
+    flat = segment_ids.reshape(-1)  # [B*S]
+    row_start = torch.zeros_like(flat, dtype=torch.bool)
+    row_start[::S] = True
+    change = torch.ones_like(flat, dtype=torch.bool)
+    change[1:] = flat[1:] != flat[:-1]
+    starts = torch.nonzero(change | row_start).squeeze(1)
+    cu = torch.cat([starts, torch.tensor([B * S])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0

@@ -1,0 +1,249 @@
+"""Config -> an endless, resumable iterator of micro-batch dicts (see batch.py for the contract).
+
+Main process: the sampler gives this DP rank's indices, a window of `data.pack_window` of them is
+planned (parse, validate, template, image headers) and packed first-fit-decreasing into rows of
+`train.seq_length`; rows are grouped into micro-batches. Workers (DataLoader, `data.num_workers`)
+decode and tile the images and collate. The state after each yielded micro-batch is
+(sampler state at the window's start, micro-batches done in the window): the window is re-planned
+identically on resume, so the next micro-batch is exactly the one that would have come.
+
+Notes: the last micro-batch of a window is filled up with empty rows (all padding, loss_mask 0) so
+every micro-batch has the same shape. DP ranks pack their own shards, so they may reach epoch ends at
+different steps; the iterator never ends.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.data.batch import collate_preference, collate_rl, collate_sft
+from engine.data.dataset import Failed, ImageLoadingDataset, LoadedSample, PlannedSample, Planner
+from engine.data.errors import DataError, SkipCounter, handle
+from engine.data.formats import SampleSource
+from engine.data.images import TileSpec, build_image_pipeline
+from engine.data.packing import pack_rows
+from engine.data.sampler import ShardedSampler
+from engine.data.template import ChatTemplate, ChatTokenizer
+
+
+@dataclass
+class DataContext:
+    """Everything built from the config that turns a JSONL file into tokens and tiles."""
+
+    tokenizer: ChatTokenizer
+    template: ChatTemplate
+    spec: TileSpec
+    planner: Planner
+    seq_length: int
+    tokens_per_tile: int
+    image_token_id: int
+    image_pipeline: str
+    dali_device: str
+    on_error: str
+
+    def make_pipeline(self):
+        return build_image_pipeline(self.image_pipeline, self.spec, self.dali_device)
+
+
+def tile_spec(data_cfg) -> TileSpec:
+    return TileSpec(data_cfg.tile_size, data_cfg.min_tiles, data_cfg.max_tiles, data_cfg.thumbnail,
+                    data_cfg.max_image_pixels)
+
+
+def build_data_context(cfg, path: str | Path | None = None, fmt: str | None = None,
+                       check_model: bool = True) -> DataContext:
+    """`cfg` is the root Config. `path`/`fmt` default to data.train_path / data.format. check_model=False
+    (inspection tools) skips the tokenizer-vs-model checks (image token id, vocabulary size)."""
+    d = cfg.data
+    path = path or d.train_path
+    if not path:
+        raise ValueError("no data file: set data.train_path (a JSONL file, see docs/data.md)")
+    tok = ChatTokenizer(d.tokenizer_path)
+    if check_model and tok.image_token_id != cfg.model.image_token_id:
+        raise ValueError(
+            f"tokenizer {d.tokenizer_path} has <IMG_CONTEXT> = {tok.image_token_id} but model.image_token_id = "
+            f"{cfg.model.image_token_id}; set model.image_token_id={tok.image_token_id}"
+        )
+    if check_model and tok.vocab_size > cfg.model.llm.vocab_size:
+        raise ValueError(f"tokenizer {d.tokenizer_path} has {tok.vocab_size} tokens > model.llm.vocab_size="
+                         f"{cfg.model.llm.vocab_size}; raise model.llm.vocab_size")
+    template = ChatTemplate(tok, cfg.model.tokens_per_tile, d.thinking, d.system_prompt)
+    spec = tile_spec(d)
+    planner = Planner(SampleSource(path, fmt or d.format), template, spec, cfg.train.seq_length,
+                      tok.image_token_id, d.truncate)
+    return DataContext(tok, template, spec, planner, cfg.train.seq_length, cfg.model.tokens_per_tile,
+                       tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error)
+
+
+@dataclass
+class _Marker:
+    """Last element of every planned micro-batch: its shape and the iterator state after it."""
+
+    num_rows: int
+    state: dict
+
+
+class MicroBatchPlans:
+    """The DataLoader's batch_sampler: yields lists of PlannedSample (+ a _Marker)."""
+
+    def __init__(self, ctx: DataContext, sampler: ShardedSampler, rows_per_batch: int, packing: bool,
+                 pack_window: int, skips: SkipCounter):
+        self.ctx, self.sampler = ctx, sampler
+        self.rows_per_batch, self.packing, self.pack_window = rows_per_batch, packing, pack_window
+        self.skips = skips
+        self.done_in_window = 0  # micro-batches of the window at the sampler's state already consumed
+
+    def _plan_window(self, indices) -> list[PlannedSample]:
+        plans = []
+        for i in indices:
+            try:
+                plans.append(self.ctx.planner.plan(int(i)))
+            except DataError as e:
+                handle(e, self.ctx.on_error, self.skips)
+        return plans
+
+    def _rows(self, plans: list[PlannedSample]) -> list[list[PlannedSample]]:
+        if not self.packing:
+            return [[p] for p in plans]
+        rows = pack_rows([len(p) for p in plans], self.ctx.seq_length)
+        return [[plans[k] for k in row] for row in rows]
+
+    def __iter__(self):
+        usable_in_epoch = 0
+        while True:
+            window_state = self.sampler.state_dict()
+            indices, epoch = self.sampler.take(self.pack_window)
+            plans = self._plan_window(indices)
+            usable_in_epoch += len(plans)
+            if self.sampler.epoch != epoch:  # that window ended the epoch
+                if usable_in_epoch == 0:
+                    raise DataError("no_valid_samples", f"every sample of this rank's shard of epoch {epoch} was skipped "
+                                    f"({self.skips.summary()}); fix the data (tools/inspect_data.py shows why)")
+                usable_in_epoch = 0
+            rows = self._rows(plans)
+            batches = [rows[s : s + self.rows_per_batch] for s in range(0, len(rows), self.rows_per_batch)]
+            skip, self.done_in_window = self.done_in_window, 0
+            for m, batch in enumerate(batches):
+                if m < skip:
+                    continue
+                items: list = []
+                for r, row in enumerate(batch):
+                    for p in row:
+                        p.row = r
+                        items.append(p)
+                yield items + [_Marker(self.rows_per_batch, {"sampler": window_state, "done_in_window": m + 1})]
+
+    def load_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.done_in_window = int(state["done_in_window"])
+
+
+class _Dataset(ImageLoadingDataset):
+    def __getitem__(self, item):
+        return item if isinstance(item, _Marker) else super().__getitem__(item)
+
+
+def _collate(items: list, kind: str, ctx_args: dict):
+    marker: _Marker = items[-1]
+    rows: list[list[LoadedSample]] = [[] for _ in range(marker.num_rows)]
+    skips: list[tuple[str, str]] = []  # (reason, message) of samples whose images failed in this worker
+    for it in items[:-1]:
+        if isinstance(it, Failed):
+            skips.append((it.error.reason, str(it.error)))
+            continue
+        rows[it.planned.row].append(it)
+    a = ctx_args
+    if kind == "sft":
+        batch = collate_sft(rows, a["seq_length"], a["pad_id"], a["tokens_per_tile"], a["image_token_id"], a["tile_size"])
+    elif kind == "preference":
+        pairs = [r[0] for r in rows if r]
+        batch = collate_preference(pairs, a["seq_length"], a["pad_id"], a["tokens_per_tile"], a["image_token_id"],
+                                   a["tile_size"])
+    else:
+        batch = collate_rl([r[0] for r in rows if r], a["pad_id"], a["tile_size"])
+    batch["_state"] = marker.state
+    batch["_skips"] = skips
+    return batch
+
+
+class DataIterator:
+    """Endless iterator of micro-batch dicts with state_dict()/load_state_dict() (call before iterating)."""
+
+    def __init__(self, ctx: DataContext, plans: MicroBatchPlans, kind: str, num_workers: int, prefetch_factor: int):
+        self.ctx, self.plans, self.skips = ctx, plans, plans.skips
+        args = dict(seq_length=ctx.seq_length, pad_id=ctx.tokenizer.pad_id, tokens_per_tile=ctx.tokens_per_tile,
+                    image_token_id=ctx.image_token_id, tile_size=ctx.spec.tile_size)
+        factory = functools.partial(build_image_pipeline, ctx.image_pipeline, ctx.spec, ctx.dali_device)
+        gpu_dali = ctx.image_pipeline == "dali" and ctx.dali_device != "cpu" and torch.cuda.is_available()
+        self.loader = torch.utils.data.DataLoader(
+            _Dataset(factory, ctx.on_error),
+            batch_sampler=plans,
+            collate_fn=functools.partial(_collate, kind=kind, ctx_args=args),
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            # CUDA cannot be used in forked children: GPU DALI workers start fresh (each builds its pipeline)
+            multiprocessing_context="spawn" if gpu_dali and num_workers else None,
+            persistent_workers=False,
+        )
+        self._it = None
+        self._state = {"sampler": plans.sampler.state_dict(), "done_in_window": 0}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(self.loader)
+        batch = next(self._it)
+        self._state = batch.pop("_state")
+        for reason, message in batch.pop("_skips"):
+            self.skips.add(DataError(reason, message))
+        return batch
+
+    def state_dict(self) -> dict:
+        """Position after the last micro-batch returned by next()."""
+        return {"sampler": dict(self._state["sampler"]), "done_in_window": self._state["done_in_window"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            raise RuntimeError("load_state_dict must be called before the first next()")
+        self.plans.load_state(state)
+        self._state = {"sampler": dict(state["sampler"]), "done_in_window": int(state["done_in_window"])}
+
+
+def build_train_iterator(cfg, dp_rank: int = 0, dp_size: int = 1, path: str | Path | None = None,
+                         state: dict | None = None) -> DataIterator:
+    """Micro-batches for data.format (sft: packed rows; preference: micro_batch_size pairs = 2x rows)."""
+    d = cfg.data
+    ctx = build_data_context(cfg, path)
+    sampler = ShardedSampler(len(ctx.planner.source), dp_rank, dp_size, d.seed, d.shuffle)
+    if d.format == "rl":
+        raise ValueError("data.format=rl: use build_rl_prompt_iterator (prompts have no labels)")
+    rows = cfg.train.micro_batch_size
+    packing = d.packing and d.format == "sft"
+    window = d.pack_window if packing else -(-d.pack_window // rows) * rows  # unpacked: whole micro-batches per window
+    plans = MicroBatchPlans(ctx, sampler, rows, packing, window, SkipCounter())
+    it = DataIterator(ctx, plans, d.format, d.num_workers, d.prefetch_factor)
+    if state is not None:
+        it.load_state_dict(state)
+    return it
+
+
+def build_rl_prompt_iterator(cfg, batch_size: int, dp_rank: int = 0, dp_size: int = 1, path: str | Path | None = None,
+                             state: dict | None = None) -> DataIterator:
+    """Batches of `batch_size` RL prompts (data.format must be rl): see batch.collate_rl for the keys."""
+    d = cfg.data
+    if d.format != "rl":
+        raise ValueError(f"build_rl_prompt_iterator needs data.format=rl, got {d.format}")
+    ctx = build_data_context(cfg, path)
+    sampler = ShardedSampler(len(ctx.planner.source), dp_rank, dp_size, d.seed, d.shuffle)
+    window = -(-d.pack_window // batch_size) * batch_size  # whole batches per window
+    plans = MicroBatchPlans(ctx, sampler, batch_size, False, window, SkipCounter())
+    it = DataIterator(ctx, plans, "rl", d.num_workers, d.prefetch_factor)
+    if state is not None:
+        it.load_state_dict(state)
+    return it

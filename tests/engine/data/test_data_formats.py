@@ -1,0 +1,91 @@
+"""Format validation names file:line; on_error=raise stops, on_error=skip counts skips by reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.data.errors import DataError
+from engine.data.formats import SampleSource
+from engine.data.loader import build_train_iterator
+
+from data_testutils import tiny_config, write_jsonl
+
+GOOD = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "<think>\nx\n</think>\n\ny"}]}
+
+BAD_SFT = [
+    ("{not json", "bad_json"),
+    ("[1, 2]", "bad_json"),
+    ({"id": "a"}, "bad_field"),
+    ({"id": "b", "conversations": [{"from": "robot", "value": "x"}]}, "bad_field"),
+    ({"id": "c", "conversations": [{"from": "human", "value": "x"}]}, "bad_turns"),
+    ({"id": "d", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}, "bad_turns"),
+    ({"id": "e", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": " "}]}, "bad_turns"),
+    ({"id": "f", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image> x"},
+                                                                {"from": "gpt", "value": "y"}]}, "placeholder_mismatch"),
+    ({"id": "g", "image": 5, "conversations": GOOD["conversations"]}, "bad_field"),
+    ({"id": "h", "image": "nope.png", "conversations": GOOD["conversations"]}, "missing_image"),
+]
+
+
+@pytest.mark.parametrize("row,reason", BAD_SFT)
+def test_sft_validation_names_file_and_line(tmp_path, row, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, "", row])  # the blank line is skipped, the bad one is line 3
+    cfg = tiny_config(train_path=str(path), shuffle=False)
+    it = build_train_iterator(cfg)
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert e.value.reason == reason
+    assert f"{path}:3" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "fmt,row,reason",
+    [
+        ("rl", {"prompt": "q"}, "bad_field"),
+        ("rl", {"prompt": "q", "answer": "1", "type": "essay"}, "bad_field"),
+        ("preference", {"prompt": "q", "chosen": "a"}, "bad_field"),
+        ("preference", {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_score": "high"}, "bad_field"),
+        ("preference", {"prompt": "q", "chosen": "<image>", "rejected": "b"}, "placeholder_mismatch"),
+    ],
+)
+def test_other_formats_validation(tmp_path, fmt, row, reason):
+    src = SampleSource(write_jsonl(tmp_path / "d.jsonl", [row]), fmt)
+    with pytest.raises(DataError) as e:
+        src[0]
+    assert e.value.reason == reason and "d.jsonl:1" in str(e.value)
+
+
+def test_images_without_placeholder_go_first(tmp_path):
+    src = SampleSource(write_jsonl(tmp_path / "d.jsonl", [{"image": ["a.png", "b.png"], "prompt": "q", "answer": "1"}]), "rl")
+    s = src[0]
+    assert s.turns[0].text == "<image>\n<image>\nq" and s.images == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert s.id == f"{tmp_path / 'd.jsonl'}:1"  # no id: file:line is the id
+
+
+def test_skip_policy_counts_by_reason(tmp_path, demo_dir):
+    import json
+
+    good = [json.loads(line) for line in (demo_dir / "sft.jsonl").read_text().splitlines()[:6]]
+    for g in good:
+        g["image"] = str(demo_dir / g["image"])
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = ["{oops", {"id": "x", "conversations": []},
+           {"id": "y", "image": str(tmp_path / "empty.png"), "conversations": GOOD["conversations"]},
+           {"id": "z", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "no trace"}]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", good[:3] + bad + good[3:])
+    cfg = tiny_config(train_path=str(path), on_error="skip", shuffle=False, pack_window=100)
+    it = build_train_iterator(cfg)
+    seen = set()
+    while len(seen) < 6:
+        batch = next(it)
+        seen.update(i for row in batch["sample_ids"] for i in row)
+    assert seen == {g["id"] for g in good}
+    assert it.skips.summary() == {"bad_field": 1, "bad_json": 1, "empty_image": 1, "missing_think": 1}
+
+
+def test_all_samples_bad_is_an_error_not_a_hang(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", ["{x", "{y", {"id": "z"}])
+    it = build_train_iterator(tiny_config(train_path=str(path), on_error="skip"))
+    with pytest.raises(DataError, match="every sample") as e:
+        next(it)
+    assert e.value.reason == "no_valid_samples" and it.skips.total == 3
