@@ -13,6 +13,7 @@ from engine.config.data import DataConfig
 from engine.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from engine.config.optim import OptimConfig
 from engine.config.parallel import ParallelConfig
+from engine.config.rollout import RolloutConfig
 from engine.config.train import TrainConfig
 
 
@@ -24,6 +25,7 @@ class Config:
     data: DataConfig = field_(factory=DataConfig, help="data files and pipeline")
     train: TrainConfig = field_(factory=TrainConfig, help="training loop")
     algorithm: AlgorithmConfig = field_(factory=AlgorithmConfig, help="RL / preference algorithms (GRPO, MPO, SSB, rewards)")
+    rollout: RolloutConfig = field_(factory=RolloutConfig, help="generation backend for RL and evaluation")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -59,5 +61,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 __all__ = [
     "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "LLMConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "ProjectorConfig", "TrainConfig", "VisionConfig", "field_", "load_config", "to_dict",
+    "ProjectorConfig", "RolloutConfig", "TrainConfig", "VisionConfig", "field_", "load_config", "to_dict",
 ]

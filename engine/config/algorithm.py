@@ -113,9 +113,9 @@ class MPOConfig:
 
 @dataclass
 class RewardConfig:
-    name: Literal["rule", "format", "verifier", "r1v", "r1v2", "r1v3"] = field_(
+    name: Literal["rule", "format", "verifier", "r1v", "r1v2", "r1v3", "r1v3_rule"] = field_(
         "r1v3", "reward (engine/rl/rewards.py): r1v = rule+format, r1v2 = rule+verifier+format, "
-                "r1v3 = ε·(rule OR verifier) + (1-ε)·format")
+                "r1v3 = ε·(rule OR verifier) + (1-ε)·format, r1v3_rule = ε·rule + (1-ε)·format")
     epsilon: float = field_(0.8, "R1V3 accuracy weight ε")
     math_verify_timeout_s: float = field_(5.0, "per-answer time bound of the math-verify check")
     math_verify_workers: int = field_(2, "worker processes for math-verify")

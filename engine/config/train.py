@@ -20,6 +20,7 @@ class TrainConfig:
     save_interval: int = field_(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field_(2, "rotate old checkpoints, keeping this many")
     run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
+    init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
     max_bad_steps: int = field_(5, "stop (with a checkpoint) after this many non-finite steps in a row")

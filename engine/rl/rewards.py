@@ -174,6 +174,8 @@ REWARDS: dict[str, tuple[tuple[str, ...], Combiner]] = {
     "r1v2": (("rule", "verifier", "format"), lambda c, eps: c["rule"] + c["verifier"] + c["format"]),
     "r1v3": (("rule", "verifier", "format"),
              lambda c, eps: eps * torch.maximum(c["rule"], c["verifier"]) + (1 - eps) * c["format"]),
+    # R1V3's mix with the rule check alone as accuracy (no judge model, e.g. when the policy is too small to judge)
+    "r1v3_rule": (("rule", "format"), lambda c, eps: eps * c["rule"] + (1 - eps) * c["format"]),
 }
 
 

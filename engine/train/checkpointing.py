@@ -43,6 +43,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir / checkpoints dir whose `latest` names one."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "meta.json").exists():
+            return candidate
+        if (candidate / "latest").exists():
+            return candidate / (candidate / "latest").read_text().strip()
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected meta.json, or a 'latest' file naming one)")
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 

@@ -13,6 +13,10 @@ def run_stage(cfg, resume: str | None = None) -> int:
         from engine.train.mpo import run
 
         return run(cfg, resume=resume)
+    if stage == "grpo":
+        from engine.train.grpo import run
+
+        return run(cfg, resume=resume)
     raise NotImplementedError(
-        f"train.stage={stage} is not wired into tools/pretrain_vlm.py yet; the supported stages are sft, align, connector, mpo"
+        f"train.stage={stage} is not wired into tools/pretrain_vlm.py yet; the supported stages are sft, align, connector, mpo, grpo"
     )

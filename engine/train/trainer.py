@@ -30,7 +30,6 @@ class TooManyBadSteps(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg, resume: str | None = None):
-        from engine.data.loader import build_train_iterator
         from engine.model.build import build_for_this_stage
         from engine.parallel.init import initialize
         from engine.parallel.wrap import wrap_ddp
@@ -52,6 +51,9 @@ class Trainer:
         if resume:
             ckpt.clean_partial(cfg.train.run_dir)
             resume_path = ckpt.latest_checkpoint(cfg.train.run_dir) if resume == "auto" else ckpt.Path(resume)
+        if resume_path is None and cfg.train.init_from:
+            meta = ckpt.load_model_only(ckpt.resolve_checkpoint(cfg.train.init_from), self.model)
+            self._notice(f"initialised from {cfg.train.init_from} (step {meta.get('step', '?')})")
         self.setup_stage(resuming=resume_path is not None)
 
         data_state = None
@@ -65,7 +67,7 @@ class Trainer:
             if not same_dp:
                 self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
                              "the data order restarts from the beginning of the file")
-        self.data = build_train_iterator(cfg, self.dp_rank, self.dp_size, state=data_state)
+        self.data = self.build_data(data_state)
         self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.max_steps, start_step=self.step,
                                      enabled=self.rank == 0)
         self._peak_flops = device_peak_flops()
@@ -110,6 +112,11 @@ class Trainer:
     def loss_factory(self):
         """megatron loss function per micro-batch (SFT: masked NLL over assistant tokens)."""
         return nll_loss_factory(self.pg.tp, self.cfg.model.llm.vocab_size, self.cfg.train.loss_impl)
+
+    def build_data(self, state: dict | None):
+        from engine.data.loader import build_train_iterator
+
+        return build_train_iterator(self.cfg, self.dp_rank, self.dp_size, state=state)
 
     def setup_stage(self, resuming: bool) -> None:
         """Stage-specific set-up after the model is built, before a checkpoint is loaded."""
