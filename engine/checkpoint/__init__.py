@@ -1,0 +1,12 @@
+"""Checkpoints: HF <-> megatron dist checkpoint conversion for the VLM (see docs/checkpoints.md).
+
+keymap      the one table of our names <-> HF names, and q/k/v / gate-up fusion
+hf_config   config.json <-> ModelConfig per part
+adapters    one adapter per HF layout (internvl, internvl_chat, qwen2, internvit)
+hf_io       lazy safetensors reading, sharded writing
+mcore_io    dist checkpoint save/load at any TP/PP + metadata; streaming group reader
+sharding    TP-correct sharded state dict for the ViT / connector
+convert     streaming hf -> mcore / mcore -> hf / assembly
+parity      logits of our model vs transformers
+atomic      all-or-nothing output directories
+"""

@@ -1,0 +1,241 @@
+"""One adapter per HF layout: `from_hf` / `to_hf` for tensors and for config.json.
+
+The adapters differ only in data (which parts they hold, each part's key prefix and naming style from
+`keymap`) and in their config.json spelling; the tensor mapping is the shared `keymap` table.
+
+    layout          parts                   HF class / vLLM architecture
+    internvl        vision, projector, llm  InternVLForConditionalGeneration (transformers-native)
+    internvl_chat   vision, projector, llm  InternVLChatModel / SkyworkR1VChatModel (remote-code layout)
+    qwen2           llm                     Qwen2ForCausalLM
+    internvit       vision                  InternVisionModel (InternViT-only checkpoints)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import hf_config as hc
+from engine.checkpoint.hf_io import CheckpointError
+from engine.checkpoint.keymap import Mapping, fuse, mappings, num_layers, split
+from engine.config.base import ConfigError, deep_merge
+from engine.config.model import ModelConfig
+
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A unit of streaming: one layer of a part, or one of a part's non-layer tensors (the embedding
+    and the output layer are each as big as several layers, so they travel alone)."""
+
+    part: str
+    layer: int | None
+    maps: tuple[Mapping, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.part}" + (f".layer{self.layer}" if self.layer is not None else f".{self.maps[0].ours}")
+
+
+class Adapter:
+    name = ""
+    architectures: tuple[str, ...] = ()
+    parts: dict[str, tuple[str, str]] = {}  # part -> (HF key prefix, keymap style)
+
+    # -- tensors ---------------------------------------------------------------------------------------
+    def groups(self, mcfg: ModelConfig, parts=None) -> list[Group]:
+        out = []
+        for part in parts or self.parts:
+            prefix, style = self.parts[part]
+            out.extend(Group(part, None, (m,)) for m in mappings(part, prefix, style, mcfg, None))
+            for i in range(num_layers(part, mcfg)):
+                out.append(Group(part, i, tuple(mappings(part, prefix, style, mcfg, i))))
+        return out
+
+    def from_hf(self, read, mcfg: ModelConfig, group: Group) -> dict[str, torch.Tensor]:
+        """read(hf_name, needed_for) -> tensor. Returns our full tensors of the group."""
+        return {m.ours: fuse(m.fuse, [read(n, m.ours) for n in m.hf], mcfg) for m in group.maps}
+
+    def to_hf(self, ours: dict[str, torch.Tensor], mcfg: ModelConfig, group: Group) -> dict[str, torch.Tensor]:
+        out = {}
+        for m in group.maps:
+            if m.ours not in ours:
+                raise CheckpointError(f"no tensor for '{m.ours}' (group {group.name}); the checkpoint is incomplete")
+            out.update(zip(m.hf, split(m.fuse, ours[m.ours], mcfg)))
+        return out
+
+    # -- config ----------------------------------------------------------------------------------------
+    def model_dict(self, hf_cfg: dict, hf_dir: Path) -> dict:
+        """config.json -> a (partial) ModelConfig mapping for the parts this layout holds."""
+        raise NotImplementedError
+
+    def config_to_hf(self, mcfg: ModelConfig, base: dict | None = None) -> dict:
+        raise NotImplementedError
+
+    def _finish(self, cfg: dict, base: dict | None) -> dict:
+        """Keys we don't model (chat template name, eos ids...) survive from the original config."""
+        return deep_merge(base, cfg) if base else cfg
+
+
+def _tokenizer_token_id(hf_dir: Path, token: str) -> int | None:
+    tok = hf_dir / "tokenizer.json"
+    if tok.is_file():
+        for added in json.loads(tok.read_text()).get("added_tokens", []):
+            if added.get("content") == token:
+                return int(added["id"])
+        vocab = json.loads(tok.read_text()).get("model", {}).get("vocab", {})
+        if isinstance(vocab, dict) and token in vocab:
+            return int(vocab[token])
+    tc = hf_dir / "tokenizer_config.json"
+    if tc.is_file():
+        for tid, entry in json.loads(tc.read_text()).get("added_tokens_decoder", {}).items():
+            if entry.get("content") == token:
+                return int(tid)
+    return None
+
+
+def _projector(ratio: float) -> dict:
+    return {"downsample_ratio": float(ratio)}
+
+
+class InternVLAdapter(Adapter):
+    name = "internvl"
+    architectures = ("InternVLForConditionalGeneration",)
+    parts = {"vision": ("vision_tower.", "native"), "projector": ("multi_modal_projector.", "native"),
+             "llm": ("language_model.", "hf")}
+
+    def model_dict(self, c: dict, hf_dir: Path) -> dict:
+        where = f"{hf_dir}/config.json"
+        hc._need(c.get("vision_feature_select_strategy", "default") == "default", where,
+                 "vision_feature_select_strategy must be 'default' (CLS dropped)")
+        hc._need(c.get("projector_hidden_act", "gelu") == "gelu", where, "projector_hidden_act must be gelu")
+        text = c["text_config"]
+        llm = hc.llm_from_hf(text, where + " text_config")
+        llm["tie_embeddings"] = bool(c.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        vision = hc.vision_from_native(c["vision_config"], where + " vision_config")
+        vision["select_layer"] = hc._select_from_hf(c.get("vision_feature_layer", -1), where)
+        return {"vision": vision, "projector": _projector(c.get("downsample_ratio", 0.5)), "llm": llm,
+                "image_token_id": c["image_token_id"], "params_dtype": hc.hf_dtype(c) or "float32"}
+
+    def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
+        n_layers, feature_layer = hc.vision_select_layer(m)
+        text = hc.llm_to_hf(m)
+        text.pop("architectures")
+        cfg = {
+            "architectures": list(self.architectures), "model_type": "internvl",
+            "downsample_ratio": m.projector.downsample_ratio, "image_token_id": m.image_token_id,
+            "image_seq_length": m.tokens_per_tile, "projector_hidden_act": "gelu",
+            "vision_feature_layer": feature_layer, "vision_feature_select_strategy": "default",
+            "tie_word_embeddings": m.llm.tie_embeddings, "dtype": m.params_dtype,
+            "text_config": text, "vision_config": hc.vision_to_native(m, n_layers),
+        }
+        return self._finish(cfg, base)
+
+
+class InternVLChatAdapter(Adapter):
+    name = "internvl_chat"
+    architectures = ("InternVLChatModel",)
+    parts = {"vision": ("vision_model.", "chat"), "projector": ("mlp1.", "chat"), "llm": ("language_model.", "hf")}
+
+    def model_dict(self, c: dict, hf_dir: Path) -> dict:
+        where = f"{hf_dir}/config.json"
+        hc._need(c.get("ps_version", "v2") == "v2", where, f"ps_version={c.get('ps_version')!r}; only v2 pixel shuffle is supported")
+        llm_c = c["llm_config"]
+        archs = llm_c.get("architectures") or ["Qwen2ForCausalLM"]
+        hc._need(archs[0] == "Qwen2ForCausalLM", where, f"llm_config architecture {archs[0]} is not supported (Qwen2 only)")
+        llm = hc.llm_from_hf(llm_c, where + " llm_config")
+        llm["tie_embeddings"] = bool(llm_c.get("tie_word_embeddings", False))
+        vision = hc.vision_from_chat(c["vision_config"], where + " vision_config")
+        vision["select_layer"] = hc._select_from_hf(c.get("select_layer", -1), where)
+        image_token_id = c.get("img_context_token_id")
+        if image_token_id is None:
+            image_token_id = _tokenizer_token_id(hf_dir, IMG_CONTEXT)
+        if image_token_id is None:
+            raise CheckpointError(
+                f"{hf_dir}: cannot find the id of {IMG_CONTEXT}: config.json has no img_context_token_id and the "
+                "tokenizer files do not declare the token; pass --image-token-id"
+            )
+        dtype = hc.hf_dtype(c) or hc.hf_dtype(llm_c) or "float32"
+        return {"vision": vision, "projector": _projector(c.get("downsample_ratio", 0.5)), "llm": llm,
+                "image_token_id": int(image_token_id), "params_dtype": dtype}
+
+    def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
+        n_layers, feature_layer = hc.vision_select_layer(m)
+        cfg = {
+            "architectures": list((base or {}).get("architectures") or self.architectures),
+            "model_type": (base or {}).get("model_type", "internvl_chat"),
+            "vision_config": hc.vision_to_chat(m, n_layers), "llm_config": hc.llm_to_hf(m),
+            "select_layer": feature_layer, "downsample_ratio": m.projector.downsample_ratio, "ps_version": "v2",
+            "template": (base or {}).get("template", "internvl2_5"), "force_image_size": m.vision.image_size,
+            "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+            "img_context_token_id": m.image_token_id, "tie_word_embeddings": m.llm.tie_embeddings,
+            "use_backbone_lora": 0, "use_llm_lora": 0, "dtype": m.params_dtype, "torch_dtype": m.params_dtype,
+        }
+        return self._finish(cfg, base)
+
+
+class Qwen2Adapter(Adapter):
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    parts = {"llm": ("", "hf")}
+
+    def model_dict(self, c: dict, hf_dir: Path) -> dict:
+        llm = hc.llm_from_hf(c, f"{hf_dir}/config.json")
+        llm["tie_embeddings"] = bool(c.get("tie_word_embeddings", False))
+        token = _tokenizer_token_id(hf_dir, IMG_CONTEXT)
+        out = {"llm": llm, "text_only": True, "params_dtype": hc.hf_dtype(c) or "float32",
+               # text-only: the image token is never used; any in-vocabulary id keeps the config valid
+               "image_token_id": token if token is not None else 0}
+        return out
+
+    def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
+        return self._finish(hc.llm_to_hf(m), base)
+
+
+class InternViTAdapter(Adapter):
+    name = "internvit"
+    architectures = ("InternVisionModel",)
+    parts = {"vision": ("", "chat")}
+
+    def model_dict(self, c: dict, hf_dir: Path) -> dict:
+        return {"vision": hc.vision_from_chat(c, f"{hf_dir}/config.json"), "params_dtype": hc.hf_dtype(c) or "float32"}
+
+    def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
+        n_layers, _ = hc.vision_select_layer(m)
+        return self._finish(hc.vision_to_chat(m, n_layers), base)
+
+
+ADAPTERS = {a.name: a for a in (InternVLAdapter(), InternVLChatAdapter(), Qwen2Adapter(), InternViTAdapter())}
+
+_BY_ARCH = {
+    "InternVLForConditionalGeneration": "internvl", "InternVLChatModel": "internvl_chat",
+    "SkyworkR1VChatModel": "internvl_chat", "Qwen2ForCausalLM": "qwen2", "InternVisionModel": "internvit",
+}
+_BY_TYPE = {"internvl": "internvl", "internvl_chat": "internvl_chat", "skywork_chat": "internvl_chat",
+            "qwen2": "qwen2", "intern_vit_6b": "internvit"}
+
+
+def detect_layout(hf_cfg: dict, where: str = "config.json") -> Adapter:
+    for arch in hf_cfg.get("architectures") or []:
+        if arch in _BY_ARCH:
+            return ADAPTERS[_BY_ARCH[arch]]
+    if hf_cfg.get("model_type") in _BY_TYPE:
+        return ADAPTERS[_BY_TYPE[hf_cfg["model_type"]]]
+    raise CheckpointError(
+        f"{where}: architectures={hf_cfg.get('architectures')} / model_type={hf_cfg.get('model_type')!r} is not a "
+        f"layout we convert; supported: {sorted(_BY_ARCH)}"
+    )
+
+
+def check_model_dict(d: dict, where: str) -> None:
+    """Early, readable failure for a config our ModelConfig refuses."""
+    from engine.config.base import from_dict
+
+    try:
+        from_dict(ModelConfig, d)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None

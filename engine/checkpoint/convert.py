@@ -1,0 +1,299 @@
+"""Streaming conversions: HF (one or several source dirs) -> megatron dist checkpoint -> HF.
+
+hf -> mcore runs on TP x PP ranks (torchrun); each rank builds only its own shard of the model and
+fills it one tensor group (a layer, or a part's embeddings) at a time from memory-mapped safetensors,
+so a rank holds its shard plus one group. mcore -> hf runs in one process and reads one group at a
+time from the dist checkpoint (`GroupReader`), so it holds one group plus the HF shard being written.
+
+Outputs are written to `<out>.partial` and renamed at the end: a killed conversion leaves no
+half-written checkpoint under the requested name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, _tokenizer_token_id, check_model_dict, detect_layout
+from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
+from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
+from engine.checkpoint.mcore_io import GroupReader, read_meta, save_model, write_meta
+from engine.config.base import ConfigError, from_dict, validate_tree
+from engine.model.transformer_configs import torch_dtype
+
+TOKENIZER_SUBDIR = "hf_files"  # tokenizer / processor / generation files kept with a dist checkpoint
+
+
+def engine_config(model_dict: dict, tp: int = 1, pp: int = 1):
+    """A full, validated engine Config around a model config, for building models to convert/check."""
+    from engine.config import Config
+
+    md = copy.deepcopy(model_dict)
+    # Conversion uses megatron's local spec: its parameter names are the keymap's. The dist checkpoint
+    # keys are the same under Transformer Engine (megatron maps local norms to TE's fused names).
+    md["transformer_impl"] = "local"
+    max_pos = md.get("llm", {}).get("max_position_embeddings", 32768)
+    image_size = md.get("vision", {}).get("image_size", 448)
+    data = {"model": md, "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+            "data": {"tile_size": image_size, "max_tiles": 1, "thumbnail": False},
+            "train": {"seq_length": max_pos}}
+    try:
+        cfg = from_dict(Config, data)
+        validate_tree(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"the converted model config is not valid here: {e}") from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """Where one model part is read from."""
+
+    dir: Path
+    adapter: Adapter
+    hf_config: dict
+    model_dict: dict
+    _reader: HFReader | None = field(default=None, repr=False)
+
+    @property
+    def reader(self) -> HFReader:
+        if self._reader is None:
+            self._reader = HFReader(self.dir)
+        return self._reader
+
+
+def open_source(hf_dir: str | Path, image_token_id: int | None = None) -> Source:
+    hf_dir = Path(hf_dir)
+    cfg = read_config(hf_dir)
+    adapter = detect_layout(cfg, f"{hf_dir}/config.json")
+    try:
+        md = adapter.model_dict(cfg, hf_dir) if image_token_id is None or adapter.name != "internvl_chat" else \
+            adapter.model_dict({**cfg, "img_context_token_id": image_token_id}, hf_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    except KeyError as e:
+        raise CheckpointError(f"{hf_dir}/config.json: missing key {e} for a {adapter.name} config") from None
+    src = Source(hf_dir, adapter, cfg, md)
+    src.reader  # opens the index and shard headers now: a missing/corrupt shard fails before any model is built
+    return src
+
+
+def _tokenizer_digest(d: Path) -> str | None:
+    f = d / "tokenizer.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest()[:16] if f.is_file() else None
+
+
+def _vocab_of(src: Source) -> int | None:
+    return src.model_dict.get("llm", {}).get("vocab_size")
+
+
+def tokenizer_report(vision: Source, connector: Source | None, llm: Source) -> list[str]:
+    """Differences between the LLM's tokenizer and the ones the vision/connector were trained with."""
+    notes = []
+    llm_digest, llm_img = _tokenizer_digest(llm.dir), _tokenizer_token_id(llm.dir, IMG_CONTEXT)
+    for role, src in (("vision", vision), ("connector", connector)):
+        if src is None or src.dir == llm.dir or src.adapter.name == "internvit":
+            continue
+        digest = _tokenizer_digest(src.dir)
+        if digest and llm_digest and digest != llm_digest:
+            notes.append(f"tokenizer mismatch: {role} source {src.dir} has tokenizer {digest}, LLM source {llm.dir} has {llm_digest}")
+        if _vocab_of(src) is not None and _vocab_of(src) != _vocab_of(llm):
+            notes.append(f"vocab size mismatch: {role} source {src.dir} has {_vocab_of(src)}, LLM source has {_vocab_of(llm)}")
+        src_img = src.model_dict.get("image_token_id")
+        if src_img is not None and llm_img is not None and src_img != llm_img:
+            notes.append(f"{IMG_CONTEXT} id differs: {src_img} in {src.dir}, {llm_img} in the LLM's tokenizer (using {llm_img})")
+    if llm_digest is None:
+        notes.append(f"LLM source {llm.dir} has no tokenizer.json; the checkpoint records no tokenizer")
+    return notes
+
+
+def assemble_model_dict(vision: Source | None, connector: Source | None, llm: Source,
+                        image_token_id: int | None = None, fresh_connector: bool = False) -> dict:
+    """vision from one checkpoint, connector from another (or freshly initialised), LLM from a third."""
+    md = {"llm": llm.model_dict["llm"], "params_dtype": llm.model_dict.get("params_dtype", "float32")}
+    if vision is None:
+        md["text_only"] = True
+        md["image_token_id"] = llm.model_dict.get("image_token_id", 0)
+        return md
+    md["vision"] = vision.model_dict["vision"]
+    proj_src = connector if connector is not None else vision
+    md["projector"] = proj_src.model_dict.get("projector", {"downsample_ratio": 0.5})
+    if image_token_id is None:
+        image_token_id = _tokenizer_token_id(llm.dir, IMG_CONTEXT)
+    if image_token_id is None and "image_token_id" in llm.model_dict and not llm.model_dict.get("text_only"):
+        image_token_id = llm.model_dict["image_token_id"]
+    if image_token_id is None:
+        raise CheckpointError(
+            f"the LLM source {llm.dir} has no {IMG_CONTEXT} token in its tokenizer; add it to the tokenizer "
+            "(and resize the embeddings) or pass --image-token-id"
+        )
+    md["image_token_id"] = int(image_token_id)
+    if not fresh_connector and connector is not None:
+        _check_connector_fits(connector, md)
+    return md
+
+
+def _check_connector_fits(connector: Source, md: dict) -> None:
+    c = connector.model_dict
+    want = (md["vision"]["hidden_size"], md["llm"]["hidden_size"], md["projector"]["downsample_ratio"])
+    have = (c["vision"]["hidden_size"], c["llm"]["hidden_size"], c["projector"]["downsample_ratio"])
+    if want != have:
+        raise CheckpointError(
+            f"connector from {connector.dir} maps vision width {have[0]} -> LLM width {have[1]} (ratio {have[2]}), "
+            f"but the assembled model needs {want[0]} -> {want[1]} (ratio {want[2]}); use --connector init "
+            "to start a fresh connector"
+        )
+
+
+# ------------------------------------------------------------------------------------ output handling
+
+
+def _progress(items, desc: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=not show, file=sys.stderr, dynamic_ncols=True)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------- hf -> mcore
+
+
+def _stage_needs(model) -> dict[str, str]:
+    """Full names of this stage's parameters -> the full tensor that fills it (tied output: embedding)."""
+    from engine.parallel.full_state import _global_name
+
+    needs = {}
+    for name, _ in model.named_parameters():
+        key = _global_name(name, model)
+        if key == "llm.output_layer.weight" and model.share_embeddings_and_output_weights:
+            needs[key] = "llm.embedding.word_embeddings.weight"
+        else:
+            needs[key] = key
+    return needs
+
+
+def load_sources_into(model, sources: dict[str, Source | None], mcfg, tp_group, show_progress: bool = False) -> None:
+    """Fill this rank's shards from HF sources, one group at a time. `sources[part] = None`: keep init."""
+    from engine.parallel.full_state import load_full_state
+
+    needs = _stage_needs(model)
+    wanted = set(needs.values())
+    filled: set[str] = set()
+    plan = []
+    for part, src in sources.items():
+        if src is None or part not in src.adapter.parts:
+            continue
+        for group in src.adapter.groups(mcfg, parts=[part]):
+            maps = [m for m in group.maps if m.ours in wanted]
+            if maps:
+                plan.append((src, group, maps))
+    for src, group, maps in _progress(plan, "hf -> mcore", show_progress):
+        sub = type(group)(group.part, group.layer, tuple(maps))
+        full = src.adapter.from_hf(lambda n, ours, r=src.reader: r.get(n, ours), mcfg, sub)
+        extra = {k: v for k, v in needs.items() if v in full and k != v}  # tied output layer
+        load_full_state(model, {**full, **{k: full[v] for k, v in extra.items()}}, tp_group, strict=False)
+        filled.update(full)
+    skipped_parts = {p for p, s in sources.items() if s is None}
+    missing = sorted(v for v in wanted - filled if v.split(".")[0] not in skipped_parts)
+    if missing:
+        raise CheckpointError(f"no HF tensors were found for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+
+def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | Path, *, tp: int, pp: int,
+                force: bool = False, step: int = 0, show_progress: bool = True) -> dict:
+    """Collective over TP x PP ranks (torch.distributed already initialised with that world)."""
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
+
+    if _is_nonempty(Path(out)) and not force:  # fail before building anything
+        raise CheckpointError(f"output {out} exists and is not empty; pass --force to replace it")
+    check_model_dict(model_dict, "converted config")
+    cfg = engine_config(model_dict, tp, pp)
+    from engine.parallel.init import read_dist_env
+
+    world = dist.get_world_size() if dist.is_initialized() else read_dist_env().world_size
+    if world != tp * pp:
+        raise CheckpointError(
+            f"--tp {tp} --pp {pp} needs {tp * pp} processes, this run has {world}; launch with "
+            f"torchrun --nproc_per_node={tp * pp} (a TP=1/PP=1 checkpoint also loads at any TP/PP)"
+        )
+    pg = initialize(cfg.parallel, seed=cfg.train.seed)
+    model = build_for_this_stage(cfg, pg)
+    load_sources_into(model, sources, cfg.model, pg.tp, show_progress=show_progress and _rank() == 0)
+    llm_src = sources["llm"]
+    with atomic_output_dir(out, force) as tmp:
+        save_model(model, tmp)
+        if _rank() == 0:
+            aux = tmp / TOKENIZER_SUBDIR
+            aux.mkdir()
+            copied = copy_aux_files(llm_src.dir, aux)
+            if sources.get("vision") is not None:  # image processor config comes with the vision side
+                copy_aux_files(sources["vision"].dir, aux, [n for n in ("preprocessor_config.json", "processor_config.json",
+                                                           "video_preprocessor_config.json") if n not in copied])
+            single = {s.dir for s in sources.values() if s is not None}
+            hf_cfg = llm_src.hf_config if len(single) == 1 else None
+            write_meta(
+                tmp, cfg.model, step=step, tokenizer_path=TOKENIZER_SUBDIR if "tokenizer.json" in copied or
+                "tokenizer_config.json" in copied else None, tp=tp, pp=pp, hf_config=hf_cfg,
+                hf_layout=llm_src.adapter.name if hf_cfg else None,
+                sources={p: (str(s.dir) if s is not None else "init") for p, s in sources.items()},
+            )
+    return {"peak_rss_bytes": peak_rss_bytes()}
+
+
+# ---------------------------------------------------------------------------------------- mcore -> hf
+
+
+def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool = False,
+                max_shard_bytes: int = 2 << 30, show_progress: bool = True) -> dict:
+    """Single process. Streams the dist checkpoint group by group into HF safetensors shards."""
+    from engine.config.parallel import ParallelConfig
+    from engine.parallel.init import initialize
+
+    if layout not in ADAPTERS:
+        raise CheckpointError(f"--layout {layout!r}: choose one of {sorted(ADAPTERS)}")
+    adapter = ADAPTERS[layout]
+    meta = read_meta(ckpt)
+    mcfg = meta["model_config"]
+    if mcfg.text_only and "vision" in adapter.parts:
+        raise CheckpointError(f"{ckpt} holds a text-only model; export it with --layout qwen2")
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        pg = initialize(ParallelConfig(), seed=0)
+    else:
+        raise CheckpointError("mcore-to-hf runs in one process; launch it without torchrun")
+    reader = GroupReader(ckpt, pg)
+    dtype = torch_dtype(mcfg.params_dtype)
+    largest_group = 0
+    with atomic_output_dir(out, force) as tmp:
+        writer = HFWriter(tmp, max_shard_bytes)
+        for group in _progress(adapter.groups(mcfg), "mcore -> hf", show_progress):
+            ours = reader.read([m.ours for m in group.maps])
+            largest_group = max(largest_group, sum(t.numel() * t.element_size() for t in ours.values()))
+            for name, t in adapter.to_hf(ours, mcfg, group).items():
+                writer.add(name, t.to(dtype))  # megatron keeps norms in fp32 in a bf16 model; HF: one dtype
+            del ours
+        writer.close()
+        base = meta.get("hf_config") if meta.get("hf_layout") == layout else None
+        (tmp / "config.json").write_text(json.dumps(adapter.config_to_hf(mcfg, base), indent=2) + "\n")
+        if meta.get("tokenizer_path"):  # relative to the checkpoint (ours) or absolute (a training run's)
+            copy_aux_files(Path(ckpt) / meta["tokenizer_path"], tmp, AUX_FILES)
+    return {"peak_rss_bytes": peak_rss_bytes(), "weights_bytes": writer.total_bytes, "largest_group_bytes": largest_group}
+
+
+__all__ = [
+    "Source", "assemble_model_dict", "atomic_output_dir", "engine_config", "hf_to_mcore", "load_sources_into",
+    "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "tokenizer_report",
+]

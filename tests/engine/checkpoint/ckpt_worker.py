@@ -1,0 +1,243 @@
+"""Conversion checks run in a child process (single) or under torchrun (2 ranks); results -> JSON.
+
+    python ckpt_worker.py single ROOT        fixtures, TP=1 conversions, round trips, assembly, errors
+    torchrun -n 2 ckpt_worker.py dist ROOT   TP=2 / PP=2 parity, TP=2 / PP=2 writes (after `single`)
+    python ckpt_worker.py export ROOT        mcore -> hf of the TP=2 / PP=2 written checkpoints (after `dist`)
+
+The pytest side asserts on the JSON, one test per case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from safetensors import safe_open  # noqa: E402
+
+FP32_HF = {  # name -> builder kwargs; every case is a different corner of the mapping
+    "nat_gqa": dict(kind="internvl", vocab=301, heads=4, kv_heads=2, tied=False),  # odd vocab, GQA, untied
+    "nat_tied": dict(kind="internvl", vocab=300, heads=4, kv_heads=2, tied=True, qk_norm=True,
+                     norm_type="rms_norm", qkv_bias=True, seed=1),  # InternViT-6B style blocks, tied
+    "nat_select": dict(kind="internvl", vocab=290, vit_layers=3, select=-2, seed=2),  # select_layer != -1
+    "qwen_a": dict(kind="qwen2", vocab=333, heads=4, kv_heads=2, tied=False, seed=3, salt="q", image_token_id=331),
+    "qwen_tied": dict(kind="qwen2", vocab=257, heads=4, kv_heads=4, tied=True, seed=4),
+}
+
+
+def tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def bit_identical(a: Path, b: Path, only_prefix: str | None = None, rename=None) -> dict:
+    ta, tb = tensors(a), tensors(b)
+    if only_prefix is not None:
+        ta = {k: v for k, v in ta.items() if k.startswith(only_prefix)}
+    if rename:
+        ta = {rename(k): v for k, v in ta.items()}
+    if rename or only_prefix is not None:
+        tb = {k: v for k, v in tb.items() if k in ta}
+    diff = sorted(k for k in ta if k not in tb or ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]))
+    return {"same_keys": set(ta) == set(tb), "n": len(ta), "differing": diff[:5], "missing": sorted(set(ta) ^ set(tb))[:5]}
+
+
+def _error_of(fn) -> str:
+    try:
+        fn()
+    except BaseException as e:  # the message is what the test checks (torch DCP raises BaseExceptions)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return f"{type(e).__name__}: {e}"
+    return "NO ERROR"
+
+
+def single(root: Path) -> dict:
+    from tiny_hf import make_internvl, make_qwen2, write_chat_layout
+
+    from engine.checkpoint.convert import (
+        assemble_model_dict, engine_config, hf_to_mcore, mcore_to_hf, open_source, tokenizer_report,
+    )
+    from engine.checkpoint.mcore_io import load_model
+    from engine.checkpoint.parity import compare, deterministic_batch, hf_logits, run_parity
+
+    res: dict = {}
+    hf = root / "hf"
+    for name, kw in FP32_HF.items():
+        kw = dict(kw)
+        (make_internvl if kw.pop("kind") == "internvl" else make_qwen2)(hf / name, **kw)
+    write_chat_layout(hf / "nat_gqa", hf / "chat_gqa")
+    write_chat_layout(hf / "nat_tied", hf / "sky_tied", arch="SkyworkR1VChatModel")
+    make_qwen2(hf / "qwen_bf16", vocab=301, dtype=torch.bfloat16, seed=5)
+
+    def to_mcore(name, tp=1, pp=1):
+        src = open_source(hf / name)
+        out = root / "mc" / name
+        hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, out, tp=tp, pp=pp, show_progress=False)
+        return out
+
+    cases = ["nat_gqa", "nat_tied", "nat_select", "chat_gqa", "sky_tied", "qwen_a", "qwen_tied"]
+    for name in cases + ["qwen_bf16"]:
+        mc = to_mcore(name)
+        if name != "qwen_bf16":
+            res[f"parity/{name}/tp1"] = run_parity(hf / name, mcore_ckpt=mc)
+        layout = open_source(hf / name).adapter.name
+        out = root / "export" / name
+        res[f"memory/{name}"] = mcore_to_hf(mc, out, layout, show_progress=False)
+        if name != "nat_select":  # a truncated encoder is not the same tensor set (checked below)
+            res[f"roundtrip/{name}"] = bit_identical(hf / name, out)
+        if name != "qwen_bf16" and layout != "internvl_chat":  # transformers loads the export and agrees
+            src, exp = open_source(hf / name), open_source(out)
+            mcfg = engine_config(src.model_dict).model
+            batch = deterministic_batch(mcfg)
+            res[f"from_pretrained/{name}"] = compare(hf_logits(exp, mcfg, batch), hf_logits(src, mcfg, batch))
+    res["dtype/qwen_bf16"] = sorted({str(t.dtype) for t in tensors(root / "export" / "qwen_bf16").values()})
+
+    # select_layer=-2 of 3 blocks: the export keeps the 2 used blocks and reads the last (-1)
+    cfg = json.loads((root / "export" / "nat_select" / "config.json").read_text())
+    res["select/export_config"] = [cfg["vision_config"]["num_hidden_layers"], cfg["vision_feature_layer"]]
+    res["select/extra_block_dropped"] = not any(".layer.2." in k for k in tensors(root / "export" / "nat_select"))
+
+    # chat <-> native: the same weights, bit for bit, through our names
+    mcore_to_hf(root / "mc" / "chat_gqa", root / "export" / "chat_as_native", "internvl", show_progress=False)
+    res["cross/chat_to_native"] = bit_identical(hf / "nat_gqa", root / "export" / "chat_as_native")
+    mcore_to_hf(root / "mc" / "nat_tied", root / "export" / "native_as_chat", "internvl_chat", show_progress=False)
+    res["cross/native_to_chat"] = bit_identical(hf / "sky_tied", root / "export" / "native_as_chat")
+    res["cross/native_to_chat_parity"] = run_parity(root / "export" / "native_as_chat")
+    mcore_to_hf(root / "mc" / "nat_gqa", root / "export" / "llm_only", "qwen2", show_progress=False)
+    res["cross/vlm_llm_to_qwen2"] = bit_identical(
+        hf / "nat_gqa", root / "export" / "llm_only", only_prefix="language_model.",
+        rename=lambda k: k[len("language_model."):])
+
+    # re-assembly: vision from an InternViT-only checkpoint (nat_gqa's encoder, exported as one), connector
+    # from nat_gqa, LLM from qwen_a (another tokenizer and vocab)
+    mcore_to_hf(root / "mc" / "nat_gqa", root / "export" / "vit_only", "internvit", show_progress=False)
+    vit, vis, llm = open_source(root / "export" / "vit_only"), open_source(hf / "nat_gqa"), open_source(hf / "qwen_a")
+    res["assemble/vit_only_layout"] = vit.adapter.name
+    res["assemble/notes"] = tokenizer_report(vit, vis, llm)
+    md = assemble_model_dict(vit, vis, llm)
+    hf_to_mcore({"vision": vit, "projector": vis, "llm": llm}, md, root / "mc" / "assembled", tp=1, pp=1,
+                show_progress=False)
+    mcore_to_hf(root / "mc" / "assembled", root / "export" / "assembled", "internvl", show_progress=False)
+    res["assemble/vision"] = bit_identical(hf / "nat_gqa", root / "export" / "assembled", only_prefix="vision_tower.")
+    res["assemble/connector"] = bit_identical(hf / "nat_gqa", root / "export" / "assembled", only_prefix="multi_modal_projector.")
+    res["assemble/llm"] = bit_identical(hf / "qwen_a", root / "export" / "assembled",
+                                        rename=lambda k: "language_model." + k)
+    res["assemble/image_token_id"] = md["image_token_id"]
+    res["assemble/parity"] = run_parity(root / "export" / "assembled", mcore_ckpt=root / "mc" / "assembled")
+    res["assemble/no_img_token"] = _error_of(lambda: assemble_model_dict(vis, vis, open_source(hf / "qwen_tied")))
+    qwide = make_qwen2(root / "hf" / "qwen_wide", hidden=128, vocab=301, image_token_id=299, seed=6)
+    res["assemble/connector_misfit"] = _error_of(lambda: assemble_model_dict(vis, vis, open_source(qwide)))
+
+    # errors: config mismatch, damaged dist checkpoint, damaged / missing HF shard
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
+
+    other = dict(open_source(hf / "nat_gqa").model_dict)
+    other["llm"] = {**other["llm"], "num_layers": 4}
+    cfg = engine_config(other)
+    model = build_for_this_stage(cfg, initialize(cfg.parallel))
+    res["error/config_mismatch"] = _error_of(lambda: load_model(model, root / "mc" / "nat_gqa", cfg.model))
+
+    # the training loop's save: load, save again at step 7, read back
+    from engine.checkpoint.mcore_io import read_meta, save_checkpoint
+
+    cfg = engine_config(open_source(hf / "nat_gqa").model_dict)
+    model = build_for_this_stage(cfg, initialize(cfg.parallel))
+    load_model(model, root / "mc" / "nat_gqa", cfg.model)
+    save_checkpoint(model, cfg.model, root / "mc" / "resaved", step=7, tokenizer_path=None, tp=1, pp=1)
+    res["resave/step"] = read_meta(root / "mc" / "resaved")["step"]
+    res["resave/parity"] = run_parity(hf / "nat_gqa", mcore_ckpt=root / "mc" / "resaved")
+
+    # interop with the trainer's checkpoints (engine/train/checkpointing.py), both directions
+    from engine.config.base import to_dict
+    from engine.train import checkpointing as trainer_ckpt
+
+    cfg = engine_config(open_source(hf / "nat_gqa").model_dict)
+    model = build_for_this_stage(cfg, initialize(cfg.parallel))
+    res["trainer/init_from_converted_step"] = trainer_ckpt.load_model_only(root / "mc" / "nat_gqa", model)["step"]
+    step_dir = trainer_ckpt.save_checkpoint(root / "run", 5, model, None, trainer_state={}, meta={"config": to_dict(cfg)},
+                                            keep=1)
+    mcore_to_hf(step_dir, root / "export" / "from_trainer", "internvl", show_progress=False)
+    res["trainer/export_of_training_checkpoint"] = bit_identical(hf / "nat_gqa", root / "export" / "from_trainer")
+    import shutil
+
+    broken = root / "mc_broken"
+    shutil.copytree(root / "mc" / "qwen_a", broken)
+    for f in broken.glob("*.distcp"):
+        f.unlink()
+        break
+    res["error/missing_distcp"] = _error_of(lambda: mcore_to_hf(broken, root / "x1", "qwen2", show_progress=False))
+    res["error/missing_distcp_no_output"] = not (root / "x1").exists() and not (root / "x1.partial").exists()
+    bad = root / "hf_bad"
+    shutil.copytree(hf / "qwen_a", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # a truncated download
+    res["error/truncated_safetensors"] = _error_of(
+        lambda: hf_to_mcore({"llm": open_source(bad)}, open_source(bad).model_dict, root / "x2", tp=1, pp=1,
+                            show_progress=False))
+    (bad / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage" + data[:64])
+    res["error/corrupt_header"] = _error_of(
+        lambda: hf_to_mcore({"llm": open_source(bad)}, open_source(bad).model_dict, root / "x3", tp=1, pp=1,
+                            show_progress=False))
+    res["error/no_partial_left"] = not any(root.glob("x*.partial"))
+    return res
+
+
+def dist_checks(root: Path) -> dict:
+    import torch.distributed as dist
+
+    from engine.checkpoint.convert import hf_to_mcore, open_source
+    from engine.checkpoint.parity import run_parity
+
+    hf, res = root / "hf", {}
+    res["parity/nat_gqa/tp2_from_hf"] = run_parity(hf / "nat_gqa", tp=2)
+    res["parity/chat_gqa/tp2_from_tp1_ckpt"] = run_parity(hf / "chat_gqa", tp=2, mcore_ckpt=root / "mc" / "chat_gqa")
+    res["parity/qwen_a/tp2_from_tp1_ckpt"] = run_parity(hf / "qwen_a", tp=2, mcore_ckpt=root / "mc" / "qwen_a")
+    res["parity/nat_tied/pp2_from_hf"] = run_parity(hf / "nat_tied", pp=2)
+    res["parity/sky_tied/pp2_from_tp1_ckpt"] = run_parity(hf / "sky_tied", pp=2, mcore_ckpt=root / "mc" / "sky_tied")
+    for name, tp, pp in (("nat_tied", 2, 1), ("chat_gqa", 1, 2), ("qwen_tied", 1, 2)):
+        src = open_source(hf / name)
+        out = root / "mc_dist" / f"{name}_tp{tp}pp{pp}"
+        hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, out, tp=tp, pp=pp, show_progress=False)
+        res[f"parity/{name}/tp{tp}pp{pp}_written_and_read"] = run_parity(hf / name, tp=tp, pp=pp, mcore_ckpt=out)
+        # written at one layout, read at the other
+        res[f"parity/{name}/written_tp{tp}pp{pp}_read_tp{pp}pp{tp}"] = run_parity(hf / name, tp=pp, pp=tp, mcore_ckpt=out)
+    dist.barrier()
+    return res
+
+
+def export_dist_written(root: Path) -> dict:
+    from engine.checkpoint.convert import mcore_to_hf
+
+    res = {}
+    for ckpt, layout, source in (("nat_tied_tp2pp1", "internvl", "nat_tied"), ("chat_gqa_tp1pp2", "internvl_chat", "chat_gqa"),
+                                 ("qwen_tied_tp1pp2", "qwen2", "qwen_tied")):
+        out = root / "export_dist" / ckpt
+        mcore_to_hf(root / "mc_dist" / ckpt, out, layout, show_progress=False)
+        res[ckpt] = bit_identical(root / "hf" / source, out)
+    return res
+
+
+if __name__ == "__main__":
+    mode, root = sys.argv[1], Path(sys.argv[2])
+    try:
+        results = {"single": single, "dist": dist_checks, "export": export_dist_written}[mode](root)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (root / f"results_{mode}.json").write_text(json.dumps(results, indent=1, default=str))
+    if dist.is_initialized():
+        dist.destroy_process_group()

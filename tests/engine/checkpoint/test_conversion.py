@@ -1,0 +1,156 @@
+"""HF <-> megatron conversion proven by logits against transformers (fp32), on tiny random models.
+
+Three child runs (their start-up dominates, so each batches many checks; see ckpt_worker.py):
+  single   one process: fixtures, TP=1 conversions, round trips, cross-layout, assembly, errors
+  dist     torchrun, 2 ranks (gloo): TP=2 / PP=2 parity, checkpoints written at TP=2 / PP=2 and read
+           back at the other layout
+  export   one process: mcore-to-hf of the TP=2 / PP=2 written checkpoints, compared bit for bit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.torchrun import REPO, free_port, torchrun
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "ckpt_worker.py"
+TOL = 1e-4  # the issue's fp32 bound on max |delta logit|
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="module")
+def single(root) -> dict:
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(WORKER), "single", str(root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, **env})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads((root / "results_single.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def dist(root, single) -> dict:
+    torchrun(WORKER, ["dist", str(root)], nproc=2, timeout=240)
+    return json.loads((root / "results_dist.json").read_text())
+
+
+def _assert_parity(r: dict) -> None:
+    assert r["max_abs_logit_diff"] <= TOL, r
+    assert r["greedy_agreement"] == 1.0, r
+    assert r["mean_kl"] < 1e-9, r  # fp32 logits equal to ~1e-6 give KL ~1e-14
+
+
+@pytest.mark.parametrize("case", ["nat_gqa", "nat_tied", "nat_select", "chat_gqa", "sky_tied", "qwen_a", "qwen_tied"])
+def test_hf_to_mcore_tp1_matches_transformers(single, case):
+    _assert_parity(single[f"parity/{case}/tp1"])
+
+
+@pytest.mark.parametrize("case", ["nat_gqa", "nat_tied", "chat_gqa", "sky_tied", "qwen_a", "qwen_tied", "qwen_bf16"])
+def test_round_trip_is_bit_identical(single, case):
+    r = single[f"roundtrip/{case}"]
+    assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
+
+
+def test_bf16_is_preserved(single):
+    assert single["dtype/qwen_bf16"] == ["torch.bfloat16"]
+
+
+@pytest.mark.parametrize("case", ["nat_gqa", "nat_tied", "nat_select", "qwen_a", "qwen_tied"])
+def test_export_loads_with_from_pretrained_and_reproduces_logits(single, case):
+    r = single[f"from_pretrained/{case}"]
+    assert r["max_abs_logit_diff"] == 0.0 and r["greedy_agreement"] == 1.0, r
+
+
+def test_select_layer_export_is_truncated_encoder(single):
+    # 3 blocks, features of block -2: the export carries the 2 used blocks and reads the last one
+    assert single["select/export_config"] == [2, -1]
+    assert single["select/extra_block_dropped"]
+
+
+@pytest.mark.parametrize("key", ["cross/chat_to_native", "cross/native_to_chat", "cross/vlm_llm_to_qwen2"])
+def test_cross_layout_exports_are_bit_identical(single, key):
+    r = single[key]
+    assert r["same_keys"] and not r["differing"], r
+
+
+def test_native_exported_as_chat_layout_matches_transformers(single):
+    _assert_parity(single["cross/native_to_chat_parity"])
+
+
+def test_reassembly_takes_each_part_from_its_source(single):
+    for part in ("vision", "connector", "llm"):
+        r = single[f"assemble/{part}"]
+        assert r["same_keys"] and not r["differing"] and r["n"] > 0, (part, r)
+    assert single["assemble/vit_only_layout"] == "internvit"  # vision came from an InternViT-only checkpoint
+    assert single["assemble/image_token_id"] == 331  # the LLM tokenizer's <IMG_CONTEXT>
+    _assert_parity(single["assemble/parity"])  # the assembled VLM runs, and transformers agrees
+
+
+def test_reassembly_reports_tokenizer_mismatch(single):
+    notes = " | ".join(single["assemble/notes"])
+    assert "tokenizer mismatch" in notes and "vocab size mismatch: connector source" in notes
+    assert "<IMG_CONTEXT> id differs: 299" in notes
+    assert "no <IMG_CONTEXT> token" in single["assemble/no_img_token"]
+    assert "--connector init" in single["assemble/connector_misfit"]
+
+
+def test_training_loop_save_round_trips(single):
+    assert single["resave/step"] == 7
+    _assert_parity(single["resave/parity"])
+
+
+def test_trainer_checkpoints_interoperate(single):
+    assert single["trainer/init_from_converted_step"] == 0  # train.init_from accepts a converted checkpoint
+    r = single["trainer/export_of_training_checkpoint"]  # mcore-to-hf reads a training checkpoint
+    assert r["same_keys"] and not r["differing"], r
+
+
+def test_config_mismatch_is_a_clear_error(single):
+    msg = single["error/config_mismatch"]
+    assert msg.startswith("CheckpointError") and "model.llm.num_layers: checkpoint 2, config 4" in msg
+
+
+def test_damaged_checkpoints_are_clear_errors(single):
+    assert "No such file" in single["error/missing_distcp"] and "__0_0.distcp" in single["error/missing_distcp"]
+    assert single["error/missing_distcp_no_output"]
+    for key in ("error/truncated_safetensors", "error/corrupt_header"):
+        assert "model.safetensors: cannot open as safetensors" in single[key] and "re-download" in single[key]
+    assert single["error/no_partial_left"]
+
+
+@pytest.mark.parametrize("key", [
+    "parity/nat_gqa/tp2_from_hf", "parity/chat_gqa/tp2_from_tp1_ckpt", "parity/qwen_a/tp2_from_tp1_ckpt",
+    "parity/nat_tied/pp2_from_hf", "parity/sky_tied/pp2_from_tp1_ckpt",
+    "parity/nat_tied/tp2pp1_written_and_read", "parity/nat_tied/written_tp2pp1_read_tp1pp2",
+    "parity/chat_gqa/tp1pp2_written_and_read", "parity/chat_gqa/written_tp1pp2_read_tp2pp1",
+    "parity/qwen_tied/tp1pp2_written_and_read", "parity/qwen_tied/written_tp1pp2_read_tp2pp1",
+])
+def test_tp2_pp2_match_transformers(dist, key):
+    _assert_parity(dist[key])
+
+
+@pytest.fixture(scope="module")
+def exported(root, dist) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(WORKER), "export", str(root)], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads((root / "results_export.json").read_text())
+
+
+@pytest.mark.parametrize("ckpt", ["nat_tied_tp2pp1", "chat_gqa_tp1pp2", "qwen_tied_tp1pp2"])
+def test_checkpoints_written_at_tp2_pp2_export_bit_identically(exported, ckpt):
+    r = exported[ckpt]
+    assert r["same_keys"] and not r["differing"] and r["n"] > 20, r

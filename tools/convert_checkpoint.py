@@ -1,0 +1,116 @@
+"""HF <-> megatron dist checkpoint conversion for the VLM (see docs/checkpoints.md).
+
+    # HF (transformers-native InternVL, InternVL-chat / Skywork-R1V, Qwen2) -> dist checkpoint at TP x PP
+    torchrun --nproc_per_node=N*M tools/convert_checkpoint.py hf-to-mcore --hf-dir D --out O --tp N --pp M
+    # dist checkpoint (any TP/PP) -> HF, one process
+    python tools/convert_checkpoint.py mcore-to-hf --ckpt O --out D --layout {internvl,internvl_chat,qwen2}
+    # vision from A, connector from B (or `init`), LLM from C -> dist checkpoint
+    python tools/convert_checkpoint.py assemble --vision A --connector B --llm C --out O
+
+Outputs are written to `<out>.partial` and renamed when complete; a non-empty output is replaced only
+with --force. `--report-memory` prints the peak resident memory of the conversion as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def current_rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (written as <out>.partial, renamed at the end)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-memory", action="store_true", help="print peak RSS and sizes as JSON on stdout")
+
+
+def _mcore_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size to write at (launch TP x PP processes)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size to write at")
+    p.add_argument("--image-token-id", type=int, default=None, help="id of <IMG_CONTEXT> when config/tokenizer lack it")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("hf-to-mcore", help="HF checkpoint -> megatron dist checkpoint")
+    p.add_argument("--hf-dir", required=True)
+    _mcore_args(p)
+    _common(p)
+    p = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--layout", required=True, choices=["internvl", "internvl_chat", "qwen2", "internvit"])
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (GiB)")
+    _common(p)
+    p = sub.add_parser("assemble", help="vision + connector + LLM from different HF checkpoints -> dist checkpoint")
+    p.add_argument("--vision", required=True, help="InternVL (either layout) or InternViT-only checkpoint")
+    p.add_argument("--connector", required=True, help="InternVL checkpoint whose connector to take, or 'init' for a fresh one")
+    p.add_argument("--llm", required=True, help="Qwen2 or InternVL checkpoint whose LLM to take")
+    _mcore_args(p)
+    _common(p)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from engine.checkpoint import convert
+    from engine.checkpoint.hf_io import CheckpointError
+
+    show = not args.no_progress
+    if args.report_memory:
+        import megatron.core  # noqa: F401  imported up front so the baseline below includes the libraries
+    baseline = current_rss_bytes()
+    try:
+        if args.cmd == "hf-to-mcore":
+            src = convert.open_source(args.hf_dir, args.image_token_id)
+            if src.adapter.name == "internvit":
+                raise CheckpointError(f"{args.hf_dir} is an InternViT-only checkpoint; combine it with an LLM via `assemble`")
+            sources = {part: src for part in src.adapter.parts}
+            report = convert.hf_to_mcore(sources, src.model_dict, args.out, tp=args.tp, pp=args.pp,
+                                         force=args.force, show_progress=show)
+        elif args.cmd == "assemble":
+            vision, llm = convert.open_source(args.vision), convert.open_source(args.llm)
+            fresh = args.connector == "init"
+            connector = None if fresh else convert.open_source(args.connector)
+            for role, s, needed in (("--vision", vision, "vision"), ("--llm", llm, "llm"),
+                                    ("--connector", connector, "projector")):
+                if s is not None and needed not in s.adapter.parts:
+                    raise CheckpointError(f"{role} {s.dir} is a {s.adapter.name} checkpoint and has no {needed} part")
+            notes = convert.tokenizer_report(vision, connector, llm)
+            for note in notes:
+                print(f"WARNING: {note}", file=sys.stderr)
+            md = convert.assemble_model_dict(vision, connector, llm, args.image_token_id, fresh_connector=fresh)
+            report = convert.hf_to_mcore({"vision": vision, "projector": connector, "llm": llm}, md, args.out,
+                                         tp=args.tp, pp=args.pp, force=args.force, show_progress=show)
+            report["tokenizer_notes"] = notes
+        else:
+            report = convert.mcore_to_hf(args.ckpt, args.out, args.layout, force=args.force,
+                                         max_shard_bytes=int(args.max_shard_gb * (1 << 30)), show_progress=show)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.report_memory and convert._rank() == 0:
+        report["baseline_rss_bytes"] = baseline  # after imports, before any tensor is read
+        report["peak_above_baseline_bytes"] = report["peak_rss_bytes"] - baseline
+        print(json.dumps({"command": args.cmd, **report}))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
