@@ -1,6 +1,7 @@
-"""`make demo`: generate the visual-reasoning set, then train the tiny recipe on 2 CPU processes.
+"""`make demo`: generate the visual-reasoning set, train the tiny SFT recipe on 2 CPU processes, then
+run a short GRPO (vLLM rollouts) from the SFT checkpoint.
 
-Prints the loss per step (from the run's metrics.jsonl) and a first-vs-last summary.
+Prints the SFT loss per step, a first-vs-last summary, and the GRPO reward/accuracy per episode.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,8 @@ def sh(cmd: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=150, help="SFT steps")
+    ap.add_argument("--grpo-episodes", type=int, default=8, help="GRPO episodes after SFT (0: skip)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--run-dir", default="runs/demo_sft")
     args = ap.parse_args()
@@ -31,8 +34,8 @@ def main() -> int:
     if not (data / "sft.jsonl").exists():
         sh([sys.executable, "tools/make_demo_data.py", "--out", str(data), "--num", "600", "--seed", "0"])
     run_dir = REPO / args.run_dir
-    if (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    for old in (run_dir, REPO / "runs/demo_grpo"):
+        shutil.rmtree(old, ignore_errors=True)  # the demo always starts fresh
     sh([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29417",
         "tools/pretrain_vlm.py", "--config", "recipes/tiny_cpu_sft.yaml",
         f"train.max_steps={args.steps}", f"train.run_dir={args.run_dir}"])
@@ -44,7 +47,20 @@ def main() -> int:
     last = sum(r["loss"] for r in records[-3:]) / 3
     print(f"\nmean loss of the first 3 steps {first:.3f} -> last 3 steps {last:.3f} "
           f"({'decreasing' if last < first else 'NOT decreasing'}); metrics: {run_dir / 'metrics.jsonl'}")
-    return 0 if last < first else 1
+    if last >= first:
+        return 1
+    if args.grpo_episodes:
+        sh([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port=29418",
+            "tools/pretrain_vlm.py", "--config", "recipes/tiny_cpu_grpo.yaml", f"train.init_from={args.run_dir}",
+            f"train.max_steps={args.grpo_episodes}", "train.run_dir=runs/demo_grpo"])
+        grpo = [json.loads(line) for line in (REPO / "runs/demo_grpo/metrics.jsonl").read_text().splitlines()]
+        print("\nepisode  reward(all)  accuracy(all)  format  eff.ratio  crit.entropy  resp.len")
+        for r in grpo:
+            print(f"{r['step']:7d}  {r['reward_mean_all']:11.3f}  {r['accuracy_all']:13.3f}  {r['reward_format_mean']:6.3f}"
+                  f"  {r['effective_sample_ratio']:9.3f}  {r.get('critical_token_entropy') or float('nan'):12.3f}"
+                  f"  {r['response_length_mean']:8.1f}")
+        print(f"GRPO metrics: {REPO / 'runs/demo_grpo/metrics.jsonl'}, samples: {REPO / 'runs/demo_grpo/rollouts.jsonl'}")
+    return 0
 
 
 if __name__ == "__main__":
