@@ -2,10 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-SITE    = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo clean
+.PHONY: venv test demo clean
 
 venv: $(STAMP)
 
@@ -15,8 +14,7 @@ $(STAMP): requirements/cpu.txt setup.py tools/env/torchvision_cpu_fix.py
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	# Not used by the engine, and PyPI's builds do not load beside the CPU torch wheel.
 	$(PY) -m pip uninstall -q -y torchaudio torchcodec || true
-	cp tools/env/torchvision_cpu_fix.py $(SITE)/_engine_torchvision_cpu_fix.py
-	echo "import _engine_torchvision_cpu_fix as m; m.install()" > $(SITE)/_engine_torchvision_cpu_fix.pth
+	$(PY) tools/env/torchvision_cpu_fix.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -160,6 +160,9 @@ class DecodingConfig:
 class IterativeSFTConfig:
     tau_schedule: list[float] = field_(factory=lambda: [2.0, 3.0, 4.0, 5.0], help="RM threshold τ_t per iteration (R1V)")
     lrs: list[float] = field_(factory=lambda: [1e-4, 2e-5, 2e-5, 2e-5], help="lr per iteration (R1V: 1e-4, then 2e-5)")
+    score_field: str = field_("rm_score", "JSONL field with each SFT sample's reward-model score (0-5)")
+    epochs_per_iteration: float = field_(1.0, "passes over the selected samples per iteration (R1V: 1)")
+    probe_max_tokens: int = field_(512, "greedy answer length when finding the samples a model answers wrong")
 
     def validate(self, root) -> None:
         if len(self.lrs) != len(self.tau_schedule):

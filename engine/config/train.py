@@ -23,6 +23,12 @@ class TrainConfig:
     init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
+    fp8: Literal["e4m3", "hybrid"] | None = field_(
+        None, "Transformer Engine FP8 GEMMs (hybrid: e4m3 forward, e5m2 gradients); needs TE and bf16 params")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field_("delayed", "TE FP8 scaling recipe")
+    fp8_amax_history_len: int = field_(1024, "delayed scaling: amax history length")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = field_("max", "delayed scaling: how the scale uses the history")
+    fp8_margin: int = field_(0, "delayed scaling: exponent margin")
     max_bad_steps: int = field_(5, "stop (with a checkpoint) after this many non-finite steps in a row")
     eval_interval: int = field_(0, "steps between validation-loss evaluations on data.valid_path (0: never)")
     eval_batches: int = field_(4, "global batches per evaluation (the same ones every time)")
@@ -36,6 +42,16 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        if self.fp8 is not None:
+            from engine.model.specs import resolve_impl, transformer_engine_available
+
+            if not transformer_engine_available():
+                raise ConfigError(f"train.fp8={self.fp8} needs Transformer Engine (transformer_engine.pytorch does not "
+                                  "import here); install transformer-engine[pytorch] on the GPU nodes or unset train.fp8")
+            if resolve_impl(root.model.transformer_impl) != "transformer_engine":
+                raise ConfigError("train.fp8 needs model.transformer_impl=transformer_engine (or auto)")
+            if root.model.params_dtype != "bfloat16":
+                raise ConfigError(f"train.fp8 needs model.params_dtype=bfloat16 (got {root.model.params_dtype})")
         if (self.eval_interval or self.early_stopping_patience) and not root.data.valid_path:
             raise ConfigError("train.eval_interval / train.early_stopping_patience need data.valid_path (a JSONL file)")
         if self.early_stopping_patience and not self.eval_interval:

@@ -238,7 +238,10 @@ def write_demo_set(out_dir: str | Path, num_samples: int, seed: int = 0) -> dict
             item.image.save(out / rel)
             prompt = f"<image>\n{item.question} {INSTRUCTION}"
             meta = {"task": task, "level": level}
-            handles["sft"].write(json.dumps({"id": f"vr-{k:06d}", "image": rel, **meta, "conversations": [
+            # A synthetic reward-model score (0-5) in place of R1V's RM, for iterative SFT's D_rm(tau):
+            # easier levels score higher, with deterministic noise.
+            rm_score = max(0, min(5, 6 - 2 * level + random.Random(seed * 7919 + k).randint(0, 2)))
+            handles["sft"].write(json.dumps({"id": f"vr-{k:06d}", "image": rel, **meta, "rm_score": rm_score, "conversations": [
                 {"from": "human", "value": prompt}, {"from": "gpt", "value": _response(item.trace, item.answer)}]}) + "\n")
             handles["preference"].write(json.dumps({"id": f"vr-{k:06d}", "image": rel, **meta, "prompt": prompt,
                                                     "chosen": _response(item.trace, item.answer),

@@ -15,7 +15,7 @@ def build_vlm(cfg, pg_collection, pre_process: bool = True, post_process: bool =
     """cfg: the root Config. pg_collection: megatron ProcessGroupCollection from engine.parallel."""
     mcfg, pcfg = cfg.model, cfg.parallel
     tp = pcfg.tensor_model_parallel_size
-    llm_tcfg = llm_transformer_config(mcfg, pcfg, recompute=cfg.train.recompute_activations)
+    llm_tcfg = llm_transformer_config(mcfg, pcfg, recompute=cfg.train.recompute_activations, train_cfg=cfg.train)
     llm = GPTModel(
         config=llm_tcfg,
         transformer_layer_spec=llm_layer_spec(mcfg.transformer_impl),

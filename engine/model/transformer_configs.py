@@ -44,11 +44,21 @@ def _common(model_cfg, parallel_cfg, recompute: bool = False) -> dict:
     return kw
 
 
-def llm_transformer_config(model_cfg, parallel_cfg, recompute: bool = False):
+def fp8_kwargs(train_cfg) -> dict:
+    """TE FP8 settings for TransformerConfig (validated in TrainConfig: TE present, bf16 params)."""
+    if train_cfg is None or train_cfg.fp8 is None:
+        return {}
+    return dict(fp8=train_cfg.fp8, fp8_recipe=train_cfg.fp8_recipe, fp8_margin=train_cfg.fp8_margin,
+                fp8_amax_history_len=train_cfg.fp8_amax_history_len,
+                fp8_amax_compute_algo=train_cfg.fp8_amax_compute_algo)
+
+
+def llm_transformer_config(model_cfg, parallel_cfg, recompute: bool = False, train_cfg=None):
     from megatron.core.transformer import TransformerConfig
 
     llm = model_cfg.llm
     return TransformerConfig(
+        **fp8_kwargs(train_cfg),
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
         ffn_hidden_size=llm.ffn_hidden_size,

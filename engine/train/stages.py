@@ -13,10 +13,14 @@ def run_stage(cfg, resume: str | None = None) -> int:
         from engine.train.mpo import run
 
         return run(cfg, resume=resume)
+    if stage == "iterative_sft":
+        from engine.train.iterative_sft import run
+
+        return run(cfg, resume=resume)
     if stage == "grpo":
         from engine.train.grpo import run
 
         return run(cfg, resume=resume)
     raise NotImplementedError(
-        f"train.stage={stage} is not wired into tools/pretrain_vlm.py yet; the supported stages are sft, align, connector, mpo, grpo"
+        f"train.stage={stage} is not wired into tools/pretrain_vlm.py yet; the supported stages are sft, align, connector, mpo, iterative_sft, grpo"
     )

@@ -54,3 +54,16 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
+
+
+if __name__ == "__main__":
+    # `python tools/env/torchvision_cpu_fix.py` (run with the venv's python): copy this module into the
+    # venv's site-packages and add the .pth line that calls install() at every interpreter start.
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    shutil.copyfile(__file__, site / "_engine_torchvision_cpu_fix.py")
+    (site / "_engine_torchvision_cpu_fix.pth").write_text("import _engine_torchvision_cpu_fix as m; m.install()\n")
+    print(f"installed the torchvision CPU fix into {site}")
