@@ -80,3 +80,21 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(demo_data, tmp_p
     assert not partial.exists()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4], out[-2000:]
+
+
+def test_resume_at_another_data_parallel_size(demo_data, tmp_path):
+    """Model and optimizer reshard from DP=2 to DP=1 (the data order restarts, with a notice)."""
+    data = demo_data / "sft.jsonl"
+    finish(launch(tmp_path, data, ["train.max_steps=3"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+           "tools/pretrain_vlm.py", "--config", "recipes/tiny_cpu_sft.yaml", f"train.run_dir={tmp_path}",
+           f"data.train_path={data}", "train.max_steps=5", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed at data-parallel size 1 (checkpoint: 2)" in out
+    steps = [s for s, _ in losses(tmp_path)]
+    assert steps == [1, 2, 3, 4, 5]
+    # the resumed model continues from the trained one: its loss is far below the first step's
+    assert losses(tmp_path)[3][1] < losses(tmp_path)[0][1] - 0.5
