@@ -60,9 +60,9 @@ def main(argv=None) -> int:
             for mode, r in results.items():
                 print(f"{mode:8s} {r['pass@1']:8.3f} {r['mean_length']:9.1f} {r['samples']:8d}")
     if cfg.rollout.backend == "vllm":
-        from vllm.distributed.parallel_state import destroy_model_parallel
+        from engine.rollout.vllm_engine import release_distributed
 
-        destroy_model_parallel()
+        release_distributed()
     shutdown()
     return 0
 

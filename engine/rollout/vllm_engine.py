@@ -282,3 +282,18 @@ def _platform_name() -> str:
     from vllm.platforms import current_platform
 
     return str(getattr(current_platform, "device_name", None) or current_platform.__class__.__name__)
+
+
+def release_distributed() -> None:
+    """Tear down vLLM's process groups before the training world goes away.
+
+    With `external_launcher` vLLM builds its groups on our torch.distributed world; if the world is
+    destroyed first, vLLM's atexit hook fails on "Invalid process group specified". Call this once,
+    after the last generate(), before engine.parallel.init.shutdown().
+    """
+    from vllm.distributed import parallel_state as vps
+
+    if dist.is_initialized():
+        dist.barrier()
+    vps.destroy_model_parallel()
+    vps.destroy_distributed_environment()

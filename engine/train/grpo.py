@@ -468,11 +468,9 @@ def run(cfg, resume: str | None = None) -> int:
     trainer = GRPOTrainer(cfg, resume=resume)
     code = trainer.fit()
     if trainer.engine is not None and trainer.cfg.rollout.backend == "vllm":
-        # vLLM (external_launcher) built its groups on our world; tear them down before the world goes,
-        # otherwise its atexit hook tries to destroy groups of a destroyed world.
-        from vllm.distributed.parallel_state import destroy_model_parallel
+        from engine.rollout.vllm_engine import release_distributed
 
-        destroy_model_parallel()
+        release_distributed()
     from engine.parallel.init import shutdown
 
     shutdown()
