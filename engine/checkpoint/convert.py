@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,12 @@ def engine_config(model_dict: dict, tp: int = 1, pp: int = 1):
     # Conversion uses megatron's local spec: its parameter names are the keymap's. The dist checkpoint
     # keys are the same under Transformer Engine (megatron maps local norms to TE's fused names).
     md["transformer_impl"] = "local"
+    vision = md.get("vision")
+    if vision and not vision.get("padded_num_heads") and vision.get("num_attention_heads", 1) % tp:
+        # e.g. InternViT-6B's 25 heads at TP=8: add all-zero heads up to a multiple of lcm(tp, 8) (= 32),
+        # so the checkpoint also loads at TP = 1, 2, 4, 8; exports drop them again.
+        step = math.lcm(tp, 8)
+        vision["padded_num_heads"] = -(-vision["num_attention_heads"] // step) * step
     max_pos = md.get("llm", {}).get("max_position_embeddings", 32768)
     image_size = md.get("vision", {}).get("image_size", 448)
     data = {"model": md, "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},

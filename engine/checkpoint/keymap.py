@@ -80,11 +80,11 @@ VISION_RULES = (
                "vit_qkv"),
        chat=(_CL + "attn.qkv.bias", "vit_qkv_fused")),
     _r("layers.{i}.attn.q_norm.weight", "vit_qk_norm",
-       native=(_NL + "attention.q_norm.weight", C), chat=(_CL + "attn.q_norm.weight", C)),
+       native=(_NL + "attention.q_norm.weight", "vit_headvec"), chat=(_CL + "attn.q_norm.weight", "vit_headvec")),
     _r("layers.{i}.attn.k_norm.weight", "vit_qk_norm",
-       native=(_NL + "attention.k_norm.weight", C), chat=(_CL + "attn.k_norm.weight", C)),
+       native=(_NL + "attention.k_norm.weight", "vit_headvec"), chat=(_CL + "attn.k_norm.weight", "vit_headvec")),
     _r("layers.{i}.attn.linear_proj.weight",
-       native=(_NL + "attention.projection_layer.weight", C), chat=(_CL + "attn.proj.weight", C)),
+       native=(_NL + "attention.projection_layer.weight", "vit_proj"), chat=(_CL + "attn.proj.weight", "vit_proj")),
     _r("layers.{i}.attn.linear_proj.bias",
        native=(_NL + "attention.projection_layer.bias", C), chat=(_CL + "attn.proj.bias", C)),
     _r("layers.{i}.ls1", native=(_NL + "lambda_1", C), chat=(_CL + "ls1", C)),
@@ -142,6 +142,11 @@ def _vit_heads(m: ModelConfig) -> tuple[int, int]:
     return m.vision.num_attention_heads, m.vision.hidden_size // m.vision.num_attention_heads
 
 
+def _vit_pad(m: ModelConfig) -> int:
+    """Extra all-zero heads our ViT is built with (model.vision.padded_num_heads; InternViT-6B at TP=8)."""
+    return m.vision.built_heads - m.vision.num_attention_heads
+
+
 def fuse(kind: str, hf: list[torch.Tensor], m: ModelConfig) -> torch.Tensor:
     if kind == "copy":
         return hf[0]
@@ -159,7 +164,14 @@ def fuse(kind: str, hf: list[torch.Tensor], m: ModelConfig) -> torch.Tensor:
         qkv = torch.stack(hf[0].chunk(3, dim=0) if kind == "vit_qkv_fused" else hf)  # (3, C, ...)
         rest = qkv.shape[2:]
         qkv = qkv.reshape(3, nh, d, *rest).transpose(0, 1)  # (nh, 3, d, ...)
-        return qkv.reshape(3 * nh * d, *rest).contiguous()
+        qkv = qkv.reshape(3 * nh * d, *rest)
+        return torch.cat([qkv, qkv.new_zeros(3 * _vit_pad(m) * d, *rest)]).contiguous()  # padded heads: zero
+    if kind == "vit_proj":  # (C, nh*d) -> (C, built*d), zero columns for padded heads
+        d = _vit_heads(m)[1]
+        return torch.cat([hf[0], hf[0].new_zeros(hf[0].shape[0], _vit_pad(m) * d)], dim=1).contiguous()
+    if kind == "vit_headvec":  # q/k norm weight (nh*d) -> (built*d); padded heads see only zeros
+        d = _vit_heads(m)[1]
+        return torch.cat([hf[0], hf[0].new_ones(_vit_pad(m) * d)]).contiguous()
     raise ValueError(f"unknown fuse kind {kind!r}")
 
 
@@ -178,10 +190,16 @@ def split(kind: str, ours: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
     if kind in ("vit_qkv", "vit_qkv_fused"):
         nh, d = _vit_heads(m)
         rest = ours.shape[1:]
-        qkv = ours.reshape(nh, 3, d, *rest).transpose(0, 1).reshape(3, nh * d, *rest)  # (3, C, ...)
+        qkv = ours[: 3 * nh * d].reshape(nh, 3, d, *rest).transpose(0, 1).reshape(3, nh * d, *rest)  # (3, C, ...)
         if kind == "vit_qkv_fused":
             return [qkv.reshape(3 * nh * d, *rest).contiguous()]
         return [t.contiguous() for t in qkv.unbind(0)]
+    if kind == "vit_proj":
+        nh, d = _vit_heads(m)
+        return [ours[:, : nh * d].contiguous()]
+    if kind == "vit_headvec":
+        nh, d = _vit_heads(m)
+        return [ours[: nh * d].contiguous()]
     raise ValueError(f"unknown fuse kind {kind!r}")
 
 

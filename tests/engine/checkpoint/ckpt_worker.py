@@ -28,6 +28,8 @@ FP32_HF = {  # name -> builder kwargs; every case is a different corner of the m
     "nat_select": dict(kind="internvl", vocab=290, vit_layers=3, select=-2, seed=2),  # select_layer != -1
     "qwen_a": dict(kind="qwen2", vocab=333, heads=4, kv_heads=2, tied=False, seed=3, salt="q", image_token_id=331),
     "qwen_tied": dict(kind="qwen2", vocab=257, heads=4, kv_heads=4, tied=True, seed=4),
+    # 3 ViT heads do not split over TP=2 (InternViT-6B's 25 over TP=8): zero heads are added (to 8)
+    "nat_pad": dict(kind="internvl", vocab=300, vit_hidden=96, vit_heads=3, qk_norm=True, norm_type="rms_norm", seed=6),
 }
 
 
@@ -205,7 +207,7 @@ def dist_checks(root: Path) -> dict:
     res["parity/qwen_a/tp2_from_tp1_ckpt"] = run_parity(hf / "qwen_a", tp=2, mcore_ckpt=root / "mc" / "qwen_a")
     res["parity/nat_tied/pp2_from_hf"] = run_parity(hf / "nat_tied", pp=2)
     res["parity/sky_tied/pp2_from_tp1_ckpt"] = run_parity(hf / "sky_tied", pp=2, mcore_ckpt=root / "mc" / "sky_tied")
-    for name, tp, pp in (("nat_tied", 2, 1), ("chat_gqa", 1, 2), ("qwen_tied", 1, 2)):
+    for name, tp, pp in (("nat_tied", 2, 1), ("chat_gqa", 1, 2), ("qwen_tied", 1, 2), ("nat_pad", 2, 1)):
         src = open_source(hf / name)
         out = root / "mc_dist" / f"{name}_tp{tp}pp{pp}"
         hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, out, tp=tp, pp=pp, show_progress=False)
@@ -221,7 +223,7 @@ def export_dist_written(root: Path) -> dict:
 
     res = {}
     for ckpt, layout, source in (("nat_tied_tp2pp1", "internvl", "nat_tied"), ("chat_gqa_tp1pp2", "internvl_chat", "chat_gqa"),
-                                 ("qwen_tied_tp1pp2", "qwen2", "qwen_tied")):
+                                 ("qwen_tied_tp1pp2", "qwen2", "qwen_tied"), ("nat_pad_tp2pp1", "internvl", "nat_pad")):
         out = root / "export_dist" / ckpt
         mcore_to_hf(root / "mc_dist" / ckpt, out, layout, show_progress=False)
         res[ckpt] = bit_identical(root / "hf" / source, out)

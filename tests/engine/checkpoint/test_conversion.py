@@ -136,6 +136,7 @@ def test_damaged_checkpoints_are_clear_errors(single):
     "parity/nat_tied/tp2pp1_written_and_read", "parity/nat_tied/written_tp2pp1_read_tp1pp2",
     "parity/chat_gqa/tp1pp2_written_and_read", "parity/chat_gqa/written_tp1pp2_read_tp2pp1",
     "parity/qwen_tied/tp1pp2_written_and_read", "parity/qwen_tied/written_tp1pp2_read_tp2pp1",
+    "parity/nat_pad/tp2pp1_written_and_read", "parity/nat_pad/written_tp2pp1_read_tp1pp2",
 ])
 def test_tp2_pp2_match_transformers(dist, key):
     _assert_parity(dist[key])
@@ -150,7 +151,7 @@ def exported(root, dist) -> dict:
     return json.loads((root / "results_export.json").read_text())
 
 
-@pytest.mark.parametrize("ckpt", ["nat_tied_tp2pp1", "chat_gqa_tp1pp2", "qwen_tied_tp1pp2"])
+@pytest.mark.parametrize("ckpt", ["nat_tied_tp2pp1", "chat_gqa_tp1pp2", "qwen_tied_tp1pp2", "nat_pad_tp2pp1"])
 def test_checkpoints_written_at_tp2_pp2_export_bit_identically(exported, ckpt):
     r = exported[ckpt]
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
