@@ -130,23 +130,7 @@ class GRPOTrainer(Trainer):
             self.buffer = SelectiveSampleBuffer(s.capacity, s.max_age, s.seed, s.min_abs_advantage)
         self.reference = None
         if c.algorithm.grpo.kl_coef > 0:
-            self.reference = self._frozen_reference(resuming)
-
-    def _frozen_reference(self, resuming: bool):
-        from engine.model.build import build_for_this_stage
-        from engine.train import checkpointing as ckpt
-
-        ref = build_for_this_stage(self.cfg, self.pg)
-        ref.freeze(vision=True, projector=True, llm=True)
-        ref_dir = Path(self.cfg.train.run_dir) / "reference"
-        if (ref_dir / "meta.json").exists():
-            ckpt.load_model_only(ref_dir, ref)
-        elif resuming:
-            raise FileNotFoundError(f"{ref_dir} is missing: the KL reference of this run is gone")
-        else:
-            ref.load_state_dict(self.model.state_dict())
-            ckpt.save_model_only(ref_dir, ref, meta={"what": "KL reference policy"})
-        return ref.eval()
+            self.reference = self.frozen_reference(resuming, "KL reference policy")
 
     def _build_engine(self):
         from engine.rollout.factory import build_rollout_engine

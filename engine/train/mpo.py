@@ -11,8 +11,6 @@ previous steps, updated after each step and saved in checkpoints.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
-
 import torch
 
 from engine.rl.preference import RewardShift, mpo_loss
@@ -43,25 +41,11 @@ def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, logits):
 
 class MPOTrainer(Trainer):
     def setup_stage(self, resuming: bool) -> None:
-        from engine.model.build import build_for_this_stage
-        from engine.train import checkpointing as ckpt
-
         if self.cfg.data.format != "preference":
             raise ValueError(f"train.stage=mpo needs data.format=preference (got {self.cfg.data.format}); "
                              "the data must hold chosen/rejected pairs")
         self.shift = RewardShift(self.cfg.algorithm.mpo.delta_momentum)
-        self.reference = build_for_this_stage(self.cfg, self.pg)
-        self.reference.freeze(vision=True, projector=True, llm=True)
-        self.reference.eval()
-        ref_dir = Path(self.cfg.train.run_dir) / "reference"
-        if (ref_dir / "meta.json").exists():
-            ckpt.load_model_only(ref_dir, self.reference)
-        else:
-            if resuming:
-                raise FileNotFoundError(f"{ref_dir} is missing: the reference model of this MPO run is gone; "
-                                        "resume is impossible without it")
-            self.reference.load_state_dict(self.model.state_dict())
-            ckpt.save_model_only(ref_dir, self.reference, meta={"what": "MPO reference policy pi_0"})
+        self.reference = self.frozen_reference(resuming, "MPO reference policy pi_0")
 
     def prepare(self, microbatches: list[dict]) -> None:
         c = self.cfg

@@ -121,6 +121,28 @@ class Trainer:
     def setup_stage(self, resuming: bool) -> None:
         """Stage-specific set-up after the model is built, before a checkpoint is loaded."""
 
+    def frozen_reference(self, resuming: bool, what: str):
+        """A frozen copy of the policy as it was when this run started (MPO's π0, GRPO's KL reference).
+
+        Kept in <run_dir>/reference so that a resumed run uses the same one.
+        """
+        from pathlib import Path
+
+        from engine.model.build import build_for_this_stage
+
+        ref = build_for_this_stage(self.cfg, self.pg)
+        ref.freeze(vision=True, projector=True, llm=True)
+        ref_dir = Path(self.cfg.train.run_dir) / "reference"
+        if (ref_dir / "meta.json").exists():
+            ckpt.load_model_only(ref_dir, ref)
+        elif resuming:
+            raise FileNotFoundError(f"{ref_dir} is missing: the {what} of this run is gone; resume is impossible "
+                                    "without it")
+        else:
+            ref.load_state_dict(self.model.state_dict())
+            ckpt.save_model_only(ref_dir, ref, meta={"what": what})
+        return ref.eval()
+
     def prepare(self, microbatches: list[dict]) -> None:
         """Runs before forward/backward (MPO: the reference model's log-probs)."""
 
