@@ -165,22 +165,15 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict]:
 
 
 def save_model_only(path: str | Path, model, meta: dict) -> None:
-    """Model weights alone (e.g. MPO's frozen reference), same atomic temp-dir + rename."""
+    """Model weights alone (e.g. MPO's frozen reference), written all-or-nothing (`<path>.partial`, renamed)."""
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
+    from engine.checkpoint.atomic import atomic_output_dir
+
+    with atomic_output_dir(path, force=True) as tmp:
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+        if dist.get_rank() == 0:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
 def load_model_only(path: str | Path, model) -> dict:

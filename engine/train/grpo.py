@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.train.losses import mask_padded_vocab, token_logprobs
 from engine.train.step import forward_backward
 from engine.train.trainer import Trainer
 
@@ -41,25 +42,10 @@ class Rollout:
     gold: str
 
 
-def _mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
-    from engine.train.losses import valid_vocab_columns
-
-    b, s, v = logits.shape
-    flat = logits.reshape(b * s, v)
-    valid = valid_vocab_columns(v, vocab_size, tp_group)
-    if valid < v:
-        flat[:, valid:] = float("-inf")  # in place: the output layer's backward does not need its output
-    return flat
-
-
 def _token_logprobs_loss(batch, tp_group, vocab_size, temperature, logits):
     """Forward-only: per-token log-probs and entropy of the labels (old / reference policy)."""
-    from kernels import fused_logprob_entropy
-
-    b, s, _ = logits.shape
-    flat = _mask_padded_vocab(logits, vocab_size, tp_group)
-    lp, ent = fused_logprob_entropy(flat, batch["labels"].reshape(-1), temperature=temperature, tp_group=tp_group)
-    return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logprobs": lp.view(b, s), "entropy": ent.view(b, s)}
+    lp, ent = token_logprobs(logits, batch["labels"], tp_group, "fused", temperature, vocab_size)
+    return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logprobs": lp, "entropy": ent}
 
 
 def _grpo_micro_loss(batch, tp_group, vocab_size, g, impl, logits):
@@ -67,7 +53,7 @@ def _grpo_micro_loss(batch, tp_group, vocab_size, g, impl, logits):
     import kernels
 
     b, s, _ = logits.shape
-    flat = _mask_padded_vocab(logits, vocab_size, tp_group)
+    flat = mask_padded_vocab(logits, vocab_size, tp_group)
     mask = batch["loss_mask"].float()
     args = (flat, batch["labels"].reshape(-1), batch["old_logprobs"].reshape(-1), batch["advantages"].reshape(-1),
             mask.reshape(-1), None if batch.get("ref_logprobs") is None else batch["ref_logprobs"].reshape(-1))

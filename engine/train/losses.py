@@ -17,6 +17,17 @@ def valid_vocab_columns(local_vocab: int, vocab_size: int, tp_group) -> int:
     return max(0, min(local_vocab, vocab_size - rank * local_vocab))
 
 
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None, tp_group) -> torch.Tensor:
+    """(b, s, V/tp) -> (T, V/tp) view with this rank's TP-padding columns set to -inf, in place (no copy: the
+    output layer's backward does not need its output)."""
+    b, s, v = logits.shape
+    flat = logits.reshape(b * s, v)  # (T, V/tp)
+    valid = v if vocab_size is None else valid_vocab_columns(v, vocab_size, tp_group)
+    if valid < v:
+        flat[:, valid:] = float("-inf")
+    return flat
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group, impl: str = "fused",
                    temperature: float = 1.0, vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits (b, s, V/tp) vocab-parallel, labels (b, s) -> (logprobs (b, s) fp32, entropy (b, s) or None).
@@ -25,20 +36,18 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, tp_group, impl: s
     the unpadded model's (and transformers') at every TP size.
     """
     b, s, v = logits.shape
-    valid = v if vocab_size is None else valid_vocab_columns(v, vocab_size, tp_group)
-    flat_logits = logits.reshape(b * s, v)  # (T, V/tp)
     flat_labels = labels.reshape(b * s)
     if impl == "fused":
         from kernels import fused_logprob_entropy
 
-        if valid < v:  # in place, no copy: the output layer's backward does not need its output
-            flat_logits[:, valid:] = float("-inf")
+        flat_logits = mask_padded_vocab(logits, vocab_size, tp_group)
         logprobs, entropy = fused_logprob_entropy(flat_logits, flat_labels, temperature=temperature, tp_group=tp_group)
         return logprobs.view(b, s), entropy.view(b, s)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    valid = v if vocab_size is None else valid_vocab_columns(v, vocab_size, tp_group)
     safe = flat_labels.clamp(min=0)
-    scaled = flat_logits.float() / temperature  # the reference path upcasts (a copy) by design
+    scaled = logits.reshape(b * s, v).float() / temperature  # the reference path upcasts (a copy) by design
     if valid < v:
         scaled[:, valid:] = float("-inf")
     nll = vocab_parallel_cross_entropy(scaled.unsqueeze(1), safe.unsqueeze(1)).squeeze(1)

@@ -46,6 +46,7 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
         self._stop_requested = False
+        self._metric_keys = None
 
         resume_path = None
         if resume:
@@ -174,7 +175,9 @@ class Trainer:
         reports = forward_backward(self.ddp, microbatches, self.pg, self.loss_factory())
         reporter = self._is_loss_reporter()
         local = self.report_sums(reports) if reporter else {}
-        keys = self._agree_on_keys(sorted(local))
+        if self._metric_keys is None:  # a stage's report keys never change: agree on them once
+            self._metric_keys = self._agree_on_keys(sorted(local))
+        keys = self._metric_keys
         tokens_in = sum(int(mb["tokens"].numel()) for mb in microbatches)
         tiles = sum(int(mb["tiles_per_row"].sum()) for mb in microbatches)
         seqs = sum(len(ids) for mb in microbatches for ids in mb["sample_ids"])
