@@ -123,15 +123,8 @@ class GRPOTrainer(Trainer):
 
         c = self.cfg
         self.tokenizer = self.data.ctx.tokenizer.hf
-        tokenizer_dir = c.data.tokenizer_path
-        if c.rollout.backend == "vllm" and not c.model.text_only:
-            from engine.rollout.processor import write_internvl_processor
-
-            tokenizer_dir = Path(c.train.run_dir) / "rollout_processor"
-            if self.rank == 0:
-                write_internvl_processor(tokenizer_dir, self.data.ctx.tokenizer.path, c.data, c.model.tokens_per_tile)
-            dist.barrier()
-        return build_rollout_engine(c, self.model, self.pg, tokenizer=self.tokenizer, tokenizer_dir=tokenizer_dir)
+        return build_rollout_engine(c, self.model, self.pg, tokenizer=self.tokenizer,
+                                    tokenizer_dir=self.data.ctx.tokenizer.path)
 
     def _judge_generate(self, prompts: list[str]) -> list[str]:
         """Model-verifier rewards run their judge prompts through the rollout engine (greedy)."""
