@@ -1,9 +1,10 @@
 """Streaming conversions: HF (one or several source dirs) -> megatron dist checkpoint -> HF.
 
-hf -> mcore runs on TP x PP ranks (torchrun); each rank builds only its own shard of the model and
-fills it one tensor group (a layer, or a part's embeddings) at a time from memory-mapped safetensors,
-so a rank holds its shard plus one group. mcore -> hf runs in one process and reads one group at a
-time from the dist checkpoint (`GroupReader`), so it holds one group plus the HF shard being written.
+hf -> mcore builds no model tensors: a meta-device model gives megatron's checkpoint layout, and each
+stored tensor piece (at most 64 MiB of rows, or one fused q/k/v) is read from the HF files when torch
+DCP's writer asks for it and dropped once written (`lazy_save`), in one process or spread over several.
+mcore -> hf runs in one process and reads one group at a time from the dist checkpoint (`GroupReader`),
+so it holds one group plus the HF shard being written.
 
 Outputs are written to `<out>.partial` and renamed at the end: a killed conversion leaves no
 half-written checkpoint under the requested name.
@@ -25,7 +26,10 @@ import torch.distributed as dist
 from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, _tokenizer_token_id, check_model_dict, detect_layout
 from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
 from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
-from engine.checkpoint.mcore_io import GroupReader, read_meta, save_model, write_meta
+from engine.checkpoint.hf_rows import HFRows
+from engine.checkpoint.lazy_save import MAX_PIECE_BYTES, build_layout
+from engine.checkpoint.lazy_save import save as save_pieces
+from engine.checkpoint.mcore_io import _VOCAB, GroupReader, read_meta, write_meta
 from engine.config.base import ConfigError, from_dict, validate_tree
 from engine.model.transformer_configs import torch_dtype
 
@@ -172,6 +176,18 @@ def _progress(items, desc: str, show: bool):
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM (which /proc/self/clear_refs can restart), else getrusage.
+
+    (getrusage's ru_maxrss also keeps the peak recorded whenever a thread exited, so after a restart it can
+    still report an earlier peak, e.g. one from the imports.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -219,30 +235,80 @@ def load_sources_into(model, sources: dict[str, Source | None], mcfg, tp_group, 
         raise CheckpointError(f"no HF tensors were found for {missing[:5]}{'...' if len(missing) > 5 else ''}")
 
 
+def _fresh_tensors(mcfg, pg, sources: dict[str, Source | None]) -> dict:
+    """Freshly initialised full tensors for the parts given no source (`assemble --connector init`)."""
+    fresh = [part for part, src in sources.items() if src is None]
+    if not fresh:
+        return {}
+    if fresh != ["projector"]:
+        raise CheckpointError(f"only the connector can start from a fresh initialisation; no source for {fresh}")
+    from engine.config.base import to_dict
+    from engine.model.projector import Projector
+    from engine.model.specs import backend_for
+    from engine.model.transformer_configs import vision_transformer_config
+
+    cfg1 = engine_config(to_dict(mcfg), 1, 1)  # full (TP=1) tensors, like the meta model's
+    projector = Projector(vision_transformer_config(mcfg, cfg1.parallel), mcfg.projector, mcfg.vision.hidden_size,
+                          mcfg.llm.hidden_size, backend_for(mcfg.transformer_impl), tp_group=pg.tp)
+    return {f"projector.{n}": t.detach().cpu() for n, t in projector.named_parameters()}
+
+
+def plan_hf_to_mcore(sources: dict[str, Source | None], mcfg, tp: int, pg, max_piece_bytes: int = MAX_PIECE_BYTES):
+    """What hf_to_mcore writes, checked against the HF files before anything is written.
+
+    Returns (layout, produce): the pieces of megatron's tensors and the function that reads one.
+    """
+    from engine.checkpoint.mcore_io import build_meta_model
+
+    hf = HFRows(sources, mcfg)
+    fresh = _fresh_tensors(mcfg, pg, sources)
+    vocab = {n: (mcfg.llm.vocab_size, mcfg.llm.padded_vocab_size(tp)) for n in _VOCAB}
+    model = build_meta_model(mcfg, pg)  # TP=1/PP=1 on the meta device: keys, shapes, dtypes only
+    layout = build_layout(model.sharded_state_dict(), vocab_rows=vocab, max_piece_bytes=max_piece_bytes,
+                          sliceable=lambda n: n in fresh or (n in hf and hf.sliceable(n)))
+    del model
+    missing = sorted(n for n in layout.shapes if n not in hf and n not in fresh)
+    if missing:
+        raise CheckpointError(f"no HF tensors were found for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, shape in layout.shapes.items():
+        if name in hf:
+            hf.check(name, shape)
+
+    def produce(piece):
+        a, b = piece.rows
+        if piece.name in fresh:
+            return fresh[piece.name][a:b] if fresh[piece.name].dim() else fresh[piece.name]
+        return hf.rows(piece.name, a, b)
+
+    return layout, produce
+
+
 def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | Path, *, tp: int, pp: int,
-                force: bool = False, step: int = 0, show_progress: bool = True) -> dict:
-    """Collective over TP x PP ranks (torch.distributed already initialised with that world)."""
-    from engine.model.build import build_for_this_stage
+                force: bool = False, step: int = 0, show_progress: bool = True,
+                max_piece_bytes: int = MAX_PIECE_BYTES) -> dict:
+    """HF source(s) -> a dist checkpoint for TP x PP, streamed piece by piece (engine/checkpoint/lazy_save.py).
+
+    Runs in one process or under torchrun with any number of processes (they share the reading and
+    writing). `tp` / `pp` choose what the checkpoint records and how it pads (vocab rows to a multiple of
+    make_vocab_size_divisible_by x TP, ViT heads to a multiple TP divides); it loads at any TP/PP.
+    """
+    from engine.config.parallel import ParallelConfig
     from engine.parallel.init import initialize
 
     if _is_nonempty(Path(out)) and not force:  # fail before building anything
         raise CheckpointError(f"output {out} exists and is not empty; pass --force to replace it")
     check_model_dict(model_dict, "converted config")
-    cfg = engine_config(model_dict, tp, pp)
-    from engine.parallel.init import read_dist_env
-
-    world = dist.get_world_size() if dist.is_initialized() else read_dist_env().world_size
-    if world != tp * pp:
-        raise CheckpointError(
-            f"--tp {tp} --pp {pp} needs {tp * pp} processes, this run has {world}; launch with "
-            f"torchrun --nproc_per_node={tp * pp} (a TP=1/PP=1 checkpoint also loads at any TP/PP)"
-        )
-    pg = initialize(cfg.parallel, seed=cfg.train.seed)
-    model = build_for_this_stage(cfg, pg)
-    load_sources_into(model, sources, cfg.model, pg.tp, show_progress=show_progress and _rank() == 0)
+    cfg = engine_config(model_dict, tp, pp)  # validates the config for TP x PP and pads ViT heads for TP
+    pg = initialize(ParallelConfig(), seed=cfg.train.seed)  # TP=1/PP=1 over however many processes run
+    layout, produce = plan_hf_to_mcore(sources, cfg.model, tp, pg, max_piece_bytes)
     llm_src = sources["llm"]
     with atomic_output_dir(out, force) as tmp:
-        save_model(model, tmp)
+        from tqdm import tqdm
+
+        bar = tqdm(total=layout.nbytes, desc="hf -> mcore", unit="B", unit_scale=True, file=sys.stderr,
+                   dynamic_ncols=True, disable=not (show_progress and _rank() == 0))
+        with bar:
+            save_pieces(layout, tmp, produce, on_written=bar.update)
         if _rank() == 0:
             aux = tmp / TOKENIZER_SUBDIR
             aux.mkdir()
@@ -258,7 +324,10 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
                 hf_layout=llm_src.adapter.name if hf_cfg else None,
                 sources={p: (str(s.dir) if s is not None else "init") for p, s in sources.items()},
             )
-    return {"peak_rss_bytes": peak_rss_bytes()}
+    groups = layout.group_bytes()
+    return {"peak_rss_bytes": peak_rss_bytes(), "weights_bytes": layout.nbytes,
+            "largest_group_bytes": max(groups.values()), "largest_group": max(groups, key=groups.get),
+            "largest_piece_bytes": max(p.nbytes for p in layout.pieces), "pieces": len(layout.pieces)}
 
 
 # ---------------------------------------------------------------------------------------- mcore -> hf
@@ -294,10 +363,17 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
             del ours
         writer.close()
         base = meta.get("hf_config") if meta.get("hf_layout") == layout else None
-        (tmp / "config.json").write_text(json.dumps(adapter.config_to_hf(mcfg, base), indent=2) + "\n")
+        hf_cfg = adapter.config_to_hf(mcfg, base)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        for name, data in adapter.extra_files(hf_cfg).items():  # chat layout: its configuration_*.py
+            (tmp / name).write_bytes(data)
         if meta.get("tokenizer_path"):  # relative to the checkpoint (ours) or absolute (a training run's)
             copy_aux_files(Path(ckpt) / meta["tokenizer_path"], tmp, AUX_FILES)
-    return {"peak_rss_bytes": peak_rss_bytes(), "weights_bytes": writer.total_bytes, "largest_group_bytes": largest_group}
+    notes = adapter.export_notes(Path(out), hf_cfg)
+    for note in notes:
+        print(f"WARNING: {note}", file=sys.stderr)
+    return {"peak_rss_bytes": peak_rss_bytes(), "weights_bytes": writer.total_bytes, "largest_group_bytes": largest_group,
+            "notes": notes}
 
 
 __all__ = [

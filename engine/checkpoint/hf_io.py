@@ -85,7 +85,8 @@ class HFReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str, needed_for: str = "") -> torch.Tensor:
+    def file_of(self, name: str, needed_for: str = "") -> Path:
+        """The safetensors file holding `name` (its header checked)."""
         if name not in self._where:
             hint = f" (needed for our '{needed_for}')" if needed_for else ""
             raise CheckpointError(
@@ -94,6 +95,10 @@ class HFReader:
             )
         file = self._where[name]
         self._open(file)  # a clear error for a damaged header
+        return file
+
+    def get(self, name: str, needed_for: str = "") -> torch.Tensor:
+        file = self.file_of(name, needed_for)
         try:
             # Open per read: a kept-open file stays memory-mapped, and every page read counts in RSS.
             with safe_open(str(file), framework="pt") as f:

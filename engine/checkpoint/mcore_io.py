@@ -156,8 +156,19 @@ def _check_files(ckpt_dir) -> None:
     for name in ("metadata.json", ".metadata", "common.pt"):
         if not (d / name).is_file():
             raise CheckpointError(f"{d}: megatron file '{name}' is missing; the checkpoint is incomplete")
-    if not list(d.glob("*.distcp")):
-        raise CheckpointError(f"{d}: no *.distcp shard files; the checkpoint is incomplete")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(str(d)).read_metadata().storage_data
+    except Exception as e:
+        raise CheckpointError(f"{d}/.metadata is unreadable ({e}); the checkpoint is corrupted") from None
+    files = sorted({info.relative_path for info in storage.values()})
+    missing = [f for f in files if not (d / f).is_file()]
+    if missing or not files:
+        raise CheckpointError(
+            f"{d}: shard file {missing[0] if missing else '*.distcp'} (of {len(files)} listed in .metadata) does not "
+            "exist; the checkpoint is incomplete: copy it again or convert again"
+        )
 
 
 def build_meta_model(mcfg: ModelConfig, pg):
@@ -171,27 +182,39 @@ def build_meta_model(mcfg: ModelConfig, pg):
 
 
 class _SlicePlanner:
-    """torch DCP load planner that reads given sub-blocks (a layer of a layer-stacked tensor) into buffers."""
+    """torch DCP load planner that reads given sub-blocks (a layer of a layer-stacked tensor) into buffers.
 
-    @staticmethod
-    def make(slices: dict):
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+    The class is made once: a class made per call is a reference cycle, and its methods' closure kept
+    that call's buffers alive until Python's cyclic GC ran (seen: +190 MiB in mcore-to-hf's peak).
+    """
 
-        class Planner(DefaultLoadPlanner):
-            def create_local_plan(self):
-                items = []
-                for key, (offsets, buf) in slices.items():
-                    chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-                    items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-                return LoadPlan(items)
+    _cls = None
 
-            def lookup_tensor(self, index):  # the buffer holds just the requested block
-                return slices[index.fqn][1]
+    @classmethod
+    def make(cls, slices: dict):
+        if cls._cls is None:
+            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+            from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+            from torch.distributed.checkpoint.planner import LoadPlan
+            from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-        return Planner()
+            class Planner(DefaultLoadPlanner):
+                def __init__(self, slices: dict):
+                    super().__init__()
+                    self.slices = slices  # stored key -> (offsets, buffer)
+
+                def create_local_plan(self):
+                    items = []
+                    for key, (offsets, buf) in self.slices.items():
+                        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+                        items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+                    return LoadPlan(items)
+
+                def lookup_tensor(self, index):  # the buffer holds just the requested block
+                    return self.slices[index.fqn][1]
+
+            cls._cls = Planner
+        return cls._cls(slices)
 
 
 class GroupReader:

@@ -53,6 +53,28 @@ def bit_identical(a: Path, b: Path, only_prefix: str | None = None, rename=None)
     return {"same_keys": set(ta) == set(tb), "n": len(ta), "differing": diff[:5], "missing": sorted(set(ta) ^ set(tb))[:5]}
 
 
+def stored(ckpt: Path) -> dict:
+    """Every tensor (global, as stored) and object of a dist checkpoint, read with torch DCP alone."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) if hasattr(v, "size") else io.BytesIO() for k, v in md.items()}
+    load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    return sd
+
+
+def same_stored(a: Path, b: Path) -> dict:
+    """Two dist checkpoints hold the same keys, shapes, dtypes and bytes (however they are chunked)."""
+    ta, tb = stored(a), stored(b)
+    diff = sorted(k for k in ta if k not in tb or (
+        not (ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape and torch.equal(ta[k], tb[k]))
+        if isinstance(ta[k], torch.Tensor) else ta[k] != tb[k]))
+    return {"same_keys": set(ta) == set(tb), "n": len(ta), "differing": diff[:5],
+            "files": sorted(p.name for p in b.glob("*.distcp"))}
+
+
 def _error_of(fn) -> str:
     try:
         fn()
@@ -159,6 +181,19 @@ def single(root: Path) -> dict:
     save_checkpoint(model, cfg.model, root / "mc" / "resaved", step=7, tokenizer_path=None, tp=1, pp=1)
     res["resave/step"] = read_meta(root / "mc" / "resaved")["step"]
     res["resave/parity"] = run_parity(hf / "nat_gqa", mcore_ckpt=root / "mc" / "resaved")
+    # the piece writer stores what megatron's own save stores (`resaved` came from dist_checkpointing.save)
+    res["lazy/equals_megatron_save"] = same_stored(root / "mc" / "resaved", root / "mc" / "nat_gqa")
+    # 1 KiB pieces: every sliceable tensor in many row ranges, the vocab padding rows (301 -> 384) too
+    src = open_source(hf / "nat_gqa")
+    rep = hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, root / "mc" / "nat_gqa_1k", tp=1, pp=1,
+                      show_progress=False, max_piece_bytes=1024)
+    res["lazy/small_pieces"] = {**same_stored(root / "mc" / "nat_gqa", root / "mc" / "nat_gqa_1k"),
+                                "pieces": rep["pieces"], "largest_piece_bytes": rep["largest_piece_bytes"]}
+    res["lazy/stored_keys"] = len(stored(root / "mc" / "nat_gqa"))  # for scale
+    # one process writes a TP=2 checkpoint (compared with the one 2 processes write, in `dist`)
+    src = open_source(hf / "nat_tied")
+    hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, root / "mc" / "nat_tied_tp2_1proc", tp=2, pp=1,
+                show_progress=False)
 
     # interop with the trainer's checkpoints (engine/train/checkpointing.py), both directions
     from engine.config.base import to_dict
@@ -215,6 +250,9 @@ def dist_checks(root: Path) -> dict:
         # written at one layout, read at the other
         res[f"parity/{name}/written_tp{tp}pp{pp}_read_tp{pp}pp{tp}"] = run_parity(hf / name, tp=pp, pp=tp, mcore_ckpt=out)
     dist.barrier()
+    if dist.get_rank() == 0:  # the same checkpoint, written by one process (in `single`) and by two here
+        res["lazy/tp2_one_vs_two_processes"] = same_stored(root / "mc" / "nat_tied_tp2_1proc",
+                                                           root / "mc_dist" / "nat_tied_tp2pp1")
     return res
 
 

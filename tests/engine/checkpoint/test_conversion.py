@@ -117,13 +117,27 @@ def test_trainer_checkpoints_interoperate(single):
     assert r["same_keys"] and not r["differing"], r
 
 
+def test_piece_writer_stores_what_megatron_save_stores(single):
+    r = single["lazy/equals_megatron_save"]
+    assert r["same_keys"] and not r["differing"] and r["n"] > 40, r
+    assert r["files"] == ["__0_0.distcp"], r  # one process, one file
+
+
+def test_small_pieces_store_the_same_checkpoint(single):
+    r = single["lazy/small_pieces"]
+    assert r["same_keys"] and not r["differing"], r
+    assert r["pieces"] > 10 * single["lazy/stored_keys"], r  # really written in many row ranges
+    # fused kinds are written whole: the largest is the ViT's q/k/v interleave, 192 x 64 fp32
+    assert r["largest_piece_bytes"] == 3 * 64 * 64 * 4, r
+
+
 def test_config_mismatch_is_a_clear_error(single):
     msg = single["error/config_mismatch"]
     assert msg.startswith("CheckpointError") and "model.llm.num_layers: checkpoint 2, config 4" in msg
 
 
 def test_damaged_checkpoints_are_clear_errors(single):
-    assert "No such file" in single["error/missing_distcp"] and "__0_0.distcp" in single["error/missing_distcp"]
+    assert "shard file __0_0.distcp" in single["error/missing_distcp"] and "does not exist" in single["error/missing_distcp"]
     assert single["error/missing_distcp_no_output"]
     for key in ("error/truncated_safetensors", "error/corrupt_header"):
         assert "model.safetensors: cannot open as safetensors" in single[key] and "re-download" in single[key]
@@ -140,6 +154,12 @@ def test_damaged_checkpoints_are_clear_errors(single):
 ])
 def test_tp2_pp2_match_transformers(dist, key):
     _assert_parity(dist[key])
+
+
+def test_one_process_writes_the_tp2_checkpoint_two_processes_write(dist):
+    r = dist["lazy/tp2_one_vs_two_processes"]
+    assert r["same_keys"] and not r["differing"] and r["n"] > 40, r
+    assert r["files"] == ["__0_0.distcp", "__1_0.distcp"], r  # each process wrote its share
 
 
 @pytest.fixture(scope="module")
