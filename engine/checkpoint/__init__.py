@@ -4,6 +4,8 @@ keymap      the one table of our names <-> HF names, and q/k/v / gate-up fusion
 hf_config   config.json <-> ModelConfig per part
 adapters    one adapter per HF layout (internvl, internvl_chat, qwen2, internvit)
 hf_io       lazy safetensors reading, sharded writing
+hf_rows     our tensors / row ranges of them from HF safetensors, by plain reads (no mmap)
+lazy_save   a megatron dist checkpoint written piece by piece (torch DCP), no model tensors held
 mcore_io    dist checkpoint save/load at any TP/PP + metadata; streaming group reader
 sharding    TP-correct sharded state dict for the ViT / connector
 convert     streaming hf -> mcore / mcore -> hf / assembly

@@ -19,12 +19,15 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import hf_config as hc
+from engine.checkpoint import hf_remote_code
 from engine.checkpoint.hf_io import CheckpointError
 from engine.checkpoint.keymap import Mapping, fuse, mappings, num_layers, split
 from engine.config.base import ConfigError, deep_merge
 from engine.config.model import ModelConfig
 
 IMG_CONTEXT = "<IMG_CONTEXT>"
+# vLLM's InternVL-chat processor writes an image as <img> + <IMG_CONTEXT> x tokens + </img> (by token string)
+CHAT_IMAGE_TOKENS = ("<img>", "</img>", IMG_CONTEXT)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,15 @@ class Adapter:
     def _finish(self, cfg: dict, base: dict | None) -> dict:
         """Keys we don't model (chat template name, eos ids...) survive from the original config."""
         return deep_merge(base, cfg) if base else cfg
+
+    # -- files beside the weights ----------------------------------------------------------------------
+    def extra_files(self, hf_cfg: dict) -> dict[str, bytes]:
+        """Files an export needs besides weights, config.json and the tokenizer (name -> content)."""
+        return {}
+
+    def export_notes(self, out: Path, hf_cfg: dict) -> list[str]:
+        """What keeps a finished export from being served (e.g. tokens the serving processor needs)."""
+        return []
 
 
 def _tokenizer_token_id(hf_dir: Path, token: str) -> int | None:
@@ -163,19 +175,47 @@ class InternVLChatAdapter(Adapter):
         return {"vision": vision, "projector": _projector(c.get("downsample_ratio", 0.5)), "llm": llm,
                 "image_token_id": int(image_token_id), "params_dtype": dtype}
 
+    # Image tiling, which our model does not hold: the source checkpoint's values win, else InternVL2.5's.
+    PREPROCESS = {"template": "internvl2_5", "dynamic_image_size": True, "use_thumbnail": True,
+                  "min_dynamic_patch": 1, "max_dynamic_patch": 12}
+
     def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
+        base = base or {}
         n_layers, feature_layer = hc.vision_select_layer(m)
+        archs = list(base.get("architectures") or self.architectures)
+        # the config class is ours (hf_remote_code); a model_type we have no class for becomes InternVL's
+        model_type = base.get("model_type") if base.get("model_type") in hf_remote_code.CONFIG_CLASSES else \
+            "skywork_chat" if archs[0] == "SkyworkR1VChatModel" else "internvl_chat"
         cfg = {
-            "architectures": list((base or {}).get("architectures") or self.architectures),
-            "model_type": (base or {}).get("model_type", "internvl_chat"),
+            "architectures": archs, "model_type": model_type,
             "vision_config": hc.vision_to_chat(m, n_layers), "llm_config": hc.llm_to_hf(m),
             "select_layer": feature_layer, "downsample_ratio": m.projector.downsample_ratio, "ps_version": "v2",
-            "template": (base or {}).get("template", "internvl2_5"), "force_image_size": m.vision.image_size,
-            "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+            "force_image_size": m.vision.image_size, **{k: base.get(k, v) for k, v in self.PREPROCESS.items()},
             "img_context_token_id": m.image_token_id, "tie_word_embeddings": m.llm.tie_embeddings,
             "use_backbone_lora": 0, "use_llm_lora": 0, "dtype": m.params_dtype, "torch_dtype": m.params_dtype,
         }
-        return self._finish(cfg, base)
+        out = self._finish(cfg, base)
+        # replaces the source's auto_map: its AutoModel entries name modeling files an export does not carry
+        out["auto_map"] = {"AutoConfig": hf_remote_code.CONFIG_CLASSES[model_type]}
+        return out
+
+    def extra_files(self, hf_cfg: dict) -> dict[str, bytes]:
+        """Our configuration classes, so that `trust_remote_code=True` loads the export offline (vLLM)."""
+        return {name: (hf_remote_code.DIR / name).read_bytes() for name in hf_remote_code.FILES}
+
+    def export_notes(self, out: Path, hf_cfg: dict) -> list[str]:
+        if not (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
+            return [f"{out} has no tokenizer (the checkpoint records none); copy the LLM's tokenizer files next to "
+                    f"it before serving it (vLLM needs {', '.join(CHAT_IMAGE_TOKENS)} in it)"]
+        ids = {t: _tokenizer_token_id(out, t) for t in CHAT_IMAGE_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            return [f"the tokenizer in {out} does not declare {', '.join(missing)}; vLLM's InternVL processor spells "
+                    "an image as <img> <IMG_CONTEXT>... </img> and cannot serve images without them"]
+        if ids[IMG_CONTEXT] != hf_cfg.get("img_context_token_id"):
+            return [f"{IMG_CONTEXT} is id {ids[IMG_CONTEXT]} in the tokenizer in {out} but img_context_token_id is "
+                    f"{hf_cfg.get('img_context_token_id')} in its config.json; vLLM takes the tokenizer's"]
+        return []
 
 
 class Qwen2Adapter(Adapter):
