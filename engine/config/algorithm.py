@@ -42,6 +42,9 @@ class GRPOConfig:
     max_response_length: int = field_(8192, "max generated tokens per sample (R1V: 8k; R1V3: 4096 -> 8192)")
     dynamic_sampling: bool = field_(False, "drop groups whose rewards are all equal and refill the batch")
     dynamic_sampling_max_rounds: int = field_(8, "rollout rounds per batch before dynamic sampling gives up")
+    overlong: Literal["keep", "zero_reward", "mask"] = field_(
+        "zero_reward", "a response cut at max_response_length: keep its reward, score it 0, or DAPO overlong "
+                       "filtering (in the group's advantage, out of the loss)")
 
     def validate(self, root) -> None:
         if self.group_size < 2 and self.advantage == "grpo":

@@ -15,6 +15,7 @@ from engine.config.base import ConfigError, field_
 @dataclass
 class DataConfig:
     train_path: str = field_("", "JSONL training file (images are paths relative to it)")
+    max_samples: int = field_(0, "use only the first N samples of train_path (0 = all): a small prompt pool, a debug run")
     valid_path: str = field_("", "optional JSONL validation file, same format as train_path")
     format: Literal["sft", "preference", "rl"] = field_(
         "sft", "sample format: sft conversations, preference (MPO) pairs, or rl prompts with gold answers"
@@ -51,6 +52,8 @@ class DataConfig:
 
     def validate(self, root) -> None:
         vision = root.model.vision
+        if self.max_samples < 0:
+            raise ConfigError(f"data.max_samples={self.max_samples} must be >= 0 (0 = the whole file)")
         if self.tile_size != vision.image_size:
             raise ConfigError(
                 f"data.tile_size={self.tile_size} differs from model.vision.image_size={vision.image_size}; "

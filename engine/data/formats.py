@@ -192,8 +192,10 @@ def parse_sample(obj: dict, fmt: str, base: Path, where: str) -> Sample:
 class SampleSource:
     """A JSONL file of one format: `source[i]` -> validated Sample (raises DataError naming file:line)."""
 
-    def __init__(self, path: str | Path, fmt: str):
+    def __init__(self, path: str | Path, fmt: str, max_samples: int = 0):
         self.index = JsonlIndex(path)
+        if max_samples and max_samples < len(self.index):  # the first N samples only (a small prompt pool)
+            self.index.offsets, self.index.lines = self.index.offsets[:max_samples], self.index.lines[:max_samples]
         self.fmt = fmt
         self.base = self.index.path.parent
 

@@ -73,7 +73,8 @@ def build_data_context(cfg, path: str | Path | None = None, fmt: str | None = No
                          f"{cfg.model.llm.vocab_size}; raise model.llm.vocab_size")
     template = ChatTemplate(tok, cfg.model.tokens_per_tile, d.thinking, d.system_prompt)
     spec = tile_spec(d)
-    planner = Planner(SampleSource(path, fmt or d.format), template, spec, cfg.train.seq_length,
+    max_samples = d.max_samples if d.train_path and Path(path) == Path(d.train_path) else 0  # never cut validation
+    planner = Planner(SampleSource(path, fmt or d.format, max_samples), template, spec, cfg.train.seq_length,
                       tok.image_token_id, d.truncate)
     return DataContext(tok, template, spec, planner, cfg.train.seq_length, cfg.model.tokens_per_tile,
                        tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error)

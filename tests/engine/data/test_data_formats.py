@@ -89,3 +89,19 @@ def test_all_samples_bad_is_an_error_not_a_hang(tmp_path):
     with pytest.raises(DataError, match="every sample") as e:
         next(it)
     assert e.value.reason == "no_valid_samples" and it.skips.total == 3
+
+
+def test_max_samples_cuts_the_training_file_only(tmp_path):
+    from engine.config.base import ConfigError
+    from engine.data.loader import build_data_context
+
+    rows = [{"id": f"p{i}", "prompt": f"q{i}", "answer": str(i)} for i in range(5)]
+    train, valid = write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "valid.jsonl", rows)
+    src = SampleSource(train, "rl", max_samples=3)
+    assert len(src) == 3 and [src[i].id for i in range(3)] == ["p0", "p1", "p2"]
+    assert len(SampleSource(train, "rl", max_samples=9)) == 5 and len(SampleSource(train, "rl")) == 5
+    cfg = tiny_config(train_path=str(train), valid_path=str(valid), format="rl", packing=False, max_samples=2)
+    assert len(build_data_context(cfg).planner.source) == 2
+    assert len(build_data_context(cfg, path=valid).planner.source) == 5
+    with pytest.raises(ConfigError, match="max_samples=-1"):
+        tiny_config(train_path=str(train), max_samples=-1)
