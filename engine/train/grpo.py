@@ -40,6 +40,8 @@ class Rollout:
     response_text: str
     prompt_text: str
     gold: str
+    finished: bool = True  # ended with a stop token (not cut at max_response_length / an image token)
+    in_loss: bool = True
 
 
 def _token_logprobs_loss(batch, tp_group, vocab_size, temperature, logits):
@@ -183,12 +185,13 @@ class GRPOTrainer(Trainer):
                 if cut is not None:  # bias limits are finite in vLLM: cut a response at an image token
                     self.truncated_at_image_token += 1
                     comp.token_ids, comp.logprobs = comp.token_ids[:cut], comp.logprobs[:cut]
+                finished = cut is None and comp.finish_reason == "stop"
                 out.append(Rollout(
                     sample_id=f"{batch['sample_ids'][i][0]}#{self.step}.{j}", group=i,
                     prompt_ids=list(batch["prompt_ids"][i]), response_ids=list(comp.token_ids),
                     rollout_logprobs=list(comp.logprobs), tiles=batch["pixel_values"][offsets[i]: offsets[i + 1]],
                     response_text=self.tokenizer.decode(comp.token_ids, skip_special_tokens=True),
-                    prompt_text=prompt_text, gold=batch["answers"][i],
+                    prompt_text=prompt_text, gold=batch["answers"][i], finished=finished,
                 ))
         return out
 
@@ -213,7 +216,7 @@ class GRPOTrainer(Trainer):
                 tokens[r, : len(seq)] = torch.tensor(seq)
                 labels[r, : len(seq) - 1] = torch.tensor(seq[1:])
                 lo, hi = p - 1, len(seq) - 1  # label positions that predict response tokens
-                if hi > lo:
+                if hi > lo and row.in_loss:
                     mask[r, lo:hi] = 1.0
                     adv[r, lo:hi] = float(advantages[start + r])
                     rollout_lp[r, lo:hi] = torch.tensor(row.rollout_logprobs[: hi - lo])
@@ -244,6 +247,7 @@ class GRPOTrainer(Trainer):
         from engine.rl.advantages import compute_advantages
         from engine.rl.dynamic_sampling import informative_groups
         from engine.rl.metrics import logprob_mismatch, reasoning_word_token_ids, rl_step_metrics
+        from engine.rl.overlong import apply_overlong_reward, overlong_loss_keep
         from engine.rl.rewards import RewardSample
         from engine.train.optim import lr_at, set_lr
 
@@ -256,12 +260,18 @@ class GRPOTrainer(Trainer):
         # 1-2. rollout (with dynamic-sampling refills)
         self.engine.wake()
         push = self.engine.update_weights(self.model)
-        samples, rewards, components, counters, dropped, rounds = [], [], {}, {}, 0, 0
+        samples, rewards, components, counters, dropped, rounds, truncated, generated = [], [], {}, {}, 0, 0, 0, 0
         need = self.prompts_per_rank * g.group_size
         while True:
             rounds += 1
             fresh = self._rollout(next(self.data))
+            generated += len(fresh)
             res = self.reward_fn([RewardSample(s.prompt_text, s.response_text, s.gold, s.sample_id) for s in fresh])
+            finished = torch.tensor([s.finished for s in fresh])
+            truncated += int((~finished).sum())
+            res.total, res.components = apply_overlong_reward(g.overlong, res.total, res.components, finished)
+            for s, keep_in_loss in zip(fresh, overlong_loss_keep(g.overlong, finished).tolist()):
+                s.in_loss = keep_in_loss
             if rounds == 1:  # the policy's reward on fresh prompts, before dynamic sampling filters groups
                 first_round = {"reward_mean_all": float(res.total.mean()),
                                "accuracy_all": float(res.components["accuracy"].mean()) if "accuracy" in res.components else None}
@@ -370,6 +380,7 @@ class GRPOTrainer(Trainer):
             "ratio_mean": sums.get("ratio_sum", 0.0) / tok,
         })
         m.update(first_round)
+        m["truncated_ratio"] = truncated / max(generated, 1)  # share of generated responses cut at the limit
         self._dump_rollouts(samples, rewards_t, advantages)
         record = self._average_over_dp(m)
         record.update({

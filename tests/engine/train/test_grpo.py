@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.engine.train.test_resume import finish
@@ -11,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 REQUIRED = {"reward_mean", "reward_std", "accuracy", "effective_sample_ratio", "critical_token_entropy",
             "entropy_mean", "high_entropy_frac", "clip_frac_low", "clip_frac_high", "kl", "response_length_mean",
-            "hallucination_rate", "rollout_time_s", "train_time_s", "reward_format_mean", "reward_mean_all"}
+            "hallucination_rate", "rollout_time_s", "train_time_s", "reward_format_mean", "reward_mean_all",
+            "truncated_ratio"}
 
 
 @pytest.mark.parametrize("backend", ["vllm", "native"])
@@ -26,7 +29,7 @@ def test_grpo_episodes_run_and_log_every_metric(backend, demo_data, tmp_path):
     assert [r["step"] for r in recs] == [1, 2], out[-2000:]
     missing = REQUIRED - set(recs[-1])
     assert not missing, missing
-    assert recs[-1]["samples"] == 32  # 8 prompts x 4 samples over 2 ranks
+    assert recs[-1]["samples"] == 64  # 8 prompts x 8 samples over 2 ranks
     # the trainer's recomputed log-probs vs the engine's after the weight push: the native engine runs our
     # model on our tiles (rounding only); vLLM tiles the images with its own processor (small, not zero)
     bound = 0.02 if backend == "vllm" else 1e-4
@@ -38,8 +41,10 @@ def test_grpo_with_kl_reference_and_selective_sample_buffer(demo_data, tmp_path)
     proc = run_recipe("tiny_cpu_grpo_r1v2", tmp_path, [
         f"data.train_path={demo_data / 'rl.jsonl'}", "train.init_from=", "train.max_steps=2",
         "rollout.backend=native", "algorithm.grpo.max_response_length=24",
+        "algorithm.grpo.overlong=mask",  # DAPO overlong filtering: cut responses leave the loss
     ])
     finish(proc, timeout=400)
     recs = records(tmp_path)
     assert "effective_sample_ratio_with_buffer" in recs[-1] and "kl" in recs[-1]
+    assert all(0.0 <= r["truncated_ratio"] <= 1.0 and math.isfinite(r["loss"]) for r in recs), recs
     assert (tmp_path / "reference" / "meta.json").exists()
