@@ -41,7 +41,9 @@ def _budget_generate(engine, requests, params, budget_ids, budget: int, answer_t
 
 
 def evaluate(cfg, model, pg, modes: list[str], k: int, temperature: float, max_tokens: int,
-             budget: int | None = None, limit: int | None = None) -> dict:
+             budget: int | None = None, limit: int | None = None, engine=None) -> dict:
+    """Prompts from cfg.data.train_path. `engine`: a rollout engine that already holds the model's weights
+    (GRPO's validation reuses its own); by default one is built for `model`."""
     from engine.data.loader import build_rl_prompt_iterator
     from engine.rl.decoding import build_decoding_plan
     from engine.rl.rewards import RewardSample, build_reward
@@ -49,7 +51,6 @@ def evaluate(cfg, model, pg, modes: list[str], k: int, temperature: float, max_t
     from engine.rollout.factory import build_rollout_engine
 
     dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
-    engine = None
     results = {}
     reward = build_reward("rule")
     for mode in modes:

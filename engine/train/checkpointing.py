@@ -5,6 +5,8 @@ Layout under <run_dir>/checkpoints:
     step_000010/trainer/rank00003.pt   per-rank RNG states and data position
     step_000010/meta.json   step, config, extra state (e.g. MPO's reward shift)
     latest                  name of the newest complete checkpoint, replaced atomically last
+    best, best.json         the checkpoint with the best selection metric so far (train: valid_loss;
+                            GRPO: algorithm.metrics.select_checkpoint_by); rotation never removes it
 
 A checkpoint is written to `step_N.tmp` and renamed when every rank is done, so a kill while writing
 leaves the previous checkpoint usable; leftover `.tmp` dirs are removed at the next start.
@@ -13,6 +15,7 @@ leaves the previous checkpoint usable; leftover `.tmp` dirs are removed at the n
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -44,8 +47,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir / checkpoints dir whose `latest` names one."""
+    """A checkpoint dir, a pointer file (`<run_dir>/checkpoints/latest` or `.../best`), or a run dir /
+    checkpoints dir whose `latest` names one."""
     path = Path(path)
+    if path.is_file() and path.name in ("latest", "best"):
+        target = path.parent / path.read_text().strip()
+        if not (target / "meta.json").exists():
+            raise FileNotFoundError(f"{path} names {target.name}, which is incomplete or missing")
+        return target
     for candidate in (path, path / "checkpoints"):
         if (candidate / "meta.json").exists():
             return candidate
@@ -91,8 +100,10 @@ def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, meta: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, meta: dict, keep: int,
+                    score: tuple[str, float, bool] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. `score` = (metric, value, higher is
+    better) of this step: when it beats the run's best, `best` / `best.json` name this checkpoint."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(run_dir)
@@ -113,15 +124,40 @@ def save_checkpoint(run_dir, step: int, model, optimizer, trainer_state: dict, m
         pointer_tmp = root / "latest.tmp"
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, root / "latest")  # only now does resume see it
+        _update_best(root, name, step, score)
         _rotate(root, keep)
     dist.barrier()
     return final
 
 
+def best_checkpoint_info(run_dir: str | Path) -> dict | None:
+    """<run_dir>/checkpoints/best.json: {checkpoint, step, metric, value, higher_is_better}, or None."""
+    path = checkpoint_root(run_dir) / "best.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _update_best(root: Path, name: str, step: int, score: tuple[str, float, bool] | None) -> None:
+    """Point `best` at this checkpoint when its score beats the recorded one (same metric, still on disk)."""
+    if score is None or not math.isfinite(score[1]):
+        return
+    metric, value, higher = score
+    old = best_checkpoint_info(root.parent)
+    if old and old["metric"] == metric and (root / old["checkpoint"] / "meta.json").exists():
+        if not (value > old["value"] if higher else value < old["value"]):
+            return
+    info = {"checkpoint": name, "step": step, "metric": metric, "value": value, "higher_is_better": higher}
+    for file, text in (("best.json", json.dumps(info)), ("best", name)):
+        (root / f"{file}.tmp").write_text(text)
+        os.replace(root / f"{file}.tmp", root / file)
+
+
 def _rotate(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints; the one `best` names is always kept."""
+    best = (root / "best").read_text().strip() if (root / "best").exists() else None
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_partial(run_dir) -> None:

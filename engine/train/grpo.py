@@ -430,6 +430,32 @@ class GRPOTrainer(Trainer):
             out[key] = sum(vals) / len(vals)
         return out
 
+    # ------------------------------------------------------------------ validation / checkpoint selection
+    validation_metric = ("val_accuracy", True)
+
+    def evaluate(self) -> dict[str, float]:
+        """pass@1 of the current policy on the first `train.eval_batches` episodes' worth of prompts of
+        data.valid_path: greedy, one sample, the configured decoding mode, through the rollout engine."""
+        import dataclasses
+
+        from engine.evaluation import evaluate
+
+        c, g, dec = self.cfg, self.cfg.algorithm.grpo, self.cfg.algorithm.decoding
+        valid = dataclasses.replace(c, data=dataclasses.replace(c.data, train_path=c.data.valid_path, max_samples=0))
+        if self.engine is None:
+            self.engine = self._build_engine()
+        self.engine.wake()
+        self.engine.update_weights(self.model)
+        res = evaluate(valid, self.model, self.pg, [dec.mode], k=1, temperature=0.0, max_tokens=g.max_response_length,
+                       budget=dec.thinking_budget, limit=c.train.eval_batches * self.prompts_per_rank,
+                       engine=self.engine)[dec.mode]
+        self.engine.sleep()
+        return {"val_accuracy": res["pass@1"], "val_response_length": res["mean_length"]}
+
+    def selection_metric(self) -> tuple[str, bool] | None:
+        """R1V3 picks checkpoints by critical-token entropy (higher: more exploration at reasoning words)."""
+        return self.cfg.algorithm.metrics.select_checkpoint_by, True
+
     def extra_state(self) -> dict:
         return {"ssb": self.buffer.state_dict() if self.buffer is not None else None}
 

@@ -231,7 +231,10 @@ class Trainer:
         return max(objs, key=len)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> float:
+    # validation metric for early stopping and the default checkpoint selection: (key, higher is better)
+    validation_metric: tuple[str, bool] = ("valid_loss", False)
+
+    def evaluate(self) -> dict[str, float]:
         """Token-mean validation loss over the first `eval_batches` global batches of data.valid_path."""
         from engine.data.loader import build_train_iterator
 
@@ -246,7 +249,19 @@ class Trainer:
                     r = summarize_lm(reports)
                     loss_sum, count = loss_sum + r["loss_sum"], count + r["num_tokens"]
         total, n = self._global_sum([loss_sum, count])
-        return total / max(n, 1.0)
+        return {"valid_loss": total / max(n, 1.0)}
+
+    def selection_metric(self) -> tuple[str, bool] | None:
+        """(metric key, higher is better) that picks the run's `best` checkpoint, or None (no selection)."""
+        return self.validation_metric if self.cfg.train.eval_interval else None
+
+    def _selection_score(self) -> tuple[str, float, bool] | None:
+        """The selection metric of the step being saved (None when that step's record lacks it)."""
+        sel = self.selection_metric()
+        record = getattr(self, "last_record", None) or {}
+        if sel is None or record.get("step") != self.step or record.get(sel[0]) is None:
+            return None
+        return sel[0], float(record[sel[0]]), sel[1]
 
     # ------------------------------------------------------------------ loop
     def save(self) -> None:
@@ -257,7 +272,7 @@ class Trainer:
                            "extra": self.extra_state()},
             meta={"config": to_dict(c), "dp_size": self.dp_size, "world_size": dist.get_world_size(),
                   "tokenizer_path": c.data.tokenizer_path},
-            keep=c.train.keep_checkpoints,
+            keep=c.train.keep_checkpoints, score=self._selection_score(),
         )
         self.metrics.message(f"[engine] checkpoint step {self.step} -> {ckpt.checkpoint_root(c.train.run_dir)}")
 
@@ -265,14 +280,16 @@ class Trainer:
         c = self.cfg.train
         self.banner()
         last_saved = self.step
-        best, evals_since_best = float("inf"), 0
+        key, higher = self.validation_metric
+        best, evals_since_best = None, 0
         try:
             while self.step < c.max_steps:
-                record = self.train_step()
+                record = self.last_record = self.train_step()
                 if c.eval_interval and self.step % c.eval_interval == 0:
-                    record["valid_loss"] = self.evaluate()
-                    if record["valid_loss"] < best:
-                        best, evals_since_best = record["valid_loss"], 0
+                    record.update(self.evaluate())
+                    value = record[key]
+                    if best is None or (value > best if higher else value < best):
+                        best, evals_since_best = value, 0
                     else:
                         evals_since_best += 1
                     record["early_stop"] = bool(c.early_stopping_patience and evals_since_best >= c.early_stopping_patience)
@@ -287,7 +304,7 @@ class Trainer:
                     )
                 if record.get("early_stop"):
                     self.save()
-                    self.metrics.message(f"[engine] early stopping at step {self.step}: validation loss has not improved "
+                    self.metrics.message(f"[engine] early stopping at step {self.step}: {key} has not improved "
                                          f"for {evals_since_best} evaluations (best {best:.4f})")
                     return 0
                 stop = self._global_sum([float(self._stop_requested)])[0] > 0
