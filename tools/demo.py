@@ -2,7 +2,8 @@
 run a short GRPO (vLLM rollouts) from the SFT checkpoint on a pool of 8 prompts (recipes/tiny_cpu_grpo.yaml).
 
 Prints the SFT loss per step, a first-vs-last summary, the GRPO reward/accuracy per episode and the mean
-reward of the first vs the last 6 episodes (measured on 2 cores: ~0.36 -> ~0.59, docs/rl.md).
+reward of the first vs the last 6 episodes. Measured on the 2-core machine (2026-12-02): SFT loss 6.65 -> 0.56,
+GRPO reward 0.366 -> 0.545 (accuracy 0.24 -> 0.44), 5 min 21 s in all (docs/rl.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def sh(cmd: list[str]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=200, help="SFT steps")
+    ap.add_argument("--steps", type=int, default=500, help="SFT steps")
     ap.add_argument("--grpo-episodes", type=int, default=24, help="GRPO episodes after SFT (0: skip)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--run-dir", default="runs/demo_sft")
