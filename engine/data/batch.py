@@ -131,6 +131,31 @@ def collate_rl(prompts: list[LoadedSample], pad_id: int, tile_size: int) -> dict
     }
 
 
+def select_rl_rows(batches: list[dict], picks: list[tuple[int, int]], pad_id: int) -> dict:
+    """A collate_rl batch of the rows `picks` = [(batch index, row index)] of `batches` (collate_rl batches),
+    in that order: tiles follow their rows, prompts are re-padded with `pad_id`."""
+    tile_size = batches[0]["pixel_values"].shape[-1] if batches else 0
+    rows = []
+    for bi, ri in picks:
+        b = batches[bi]
+        start = int(b["tiles_per_row"][:ri].sum())
+        n_tiles = int(b["tiles_per_row"][ri])
+        rows.append((b, ri, b["pixel_values"][start: start + n_tiles]))
+    lmax = max((len(b["prompt_ids"][ri]) for b, ri, _ in rows), default=0)
+    tokens = torch.full((len(rows), lmax), pad_id, dtype=torch.int64)
+    for k, (b, ri, _) in enumerate(rows):
+        tokens[k, : len(b["prompt_ids"][ri])] = torch.tensor(b["prompt_ids"][ri], dtype=torch.int64)
+    tiles = [t for _, _, t in rows if t.shape[0]]
+    return {
+        "tokens": tokens,
+        "prompt_lengths": torch.tensor([len(b["prompt_ids"][ri]) for b, ri, _ in rows], dtype=torch.int64),
+        "prompt_ids": [list(b["prompt_ids"][ri]) for b, ri, _ in rows],
+        "pixel_values": torch.cat(tiles) if tiles else torch.zeros(0, 3, tile_size, tile_size),
+        "tiles_per_row": torch.tensor([t.shape[0] for _, _, t in rows], dtype=torch.int64),
+        **{key: [b[key][ri] for b, ri, _ in rows] for key in ("sample_ids", "image_paths", "answers", "answer_types")},
+    }
+
+
 def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """For megatron PackedSeqParams (THD): boundaries of every segment over the flattened [B*S] batch,
     each row's padding tail counted as one more segment. Returns (cu_seqlens int32 [n+1], max_seqlen)."""

@@ -40,6 +40,7 @@ class Rollout:
     response_text: str
     prompt_text: str
     gold: str
+    prompt_id: str = ""
     finished: bool = True  # ended with a stop token (not cut at max_response_length / an image token)
     in_loss: bool = True
 
@@ -101,7 +102,7 @@ class GRPOTrainer(Trainer):
 
     def setup_stage(self, resuming: bool) -> None:
         from engine.rl.rewards import build_reward_from_config
-        from engine.rl.sample_buffer import SelectiveSampleBuffer
+        from engine.rl.sample_buffer import PromptPoolFilter, SelectiveSampleBuffer
 
         c = self.cfg
         if c.parallel.pipeline_model_parallel_size != 1:
@@ -116,6 +117,10 @@ class GRPOTrainer(Trainer):
         if c.algorithm.ssb.enabled:
             s = c.algorithm.ssb
             self.buffer = SelectiveSampleBuffer(s.capacity, s.max_age, s.seed, s.min_abs_advantage)
+        # SSB offline mode: prompts whose last groups had no signal are not rolled out again
+        self.prompt_filter = PromptPoolFilter(c.algorithm.ssb.offline_window) if c.algorithm.ssb.offline_filter else None
+        self.pending_prompts: list[dict] = []  # prompts that passed the filter beyond this episode's need
+        self.prompts_filtered = 0
         self.reference = None
         if c.algorithm.grpo.kl_coef > 0:
             self.reference = self.frozen_reference(resuming, "KL reference policy")
@@ -191,7 +196,8 @@ class GRPOTrainer(Trainer):
                     prompt_ids=list(batch["prompt_ids"][i]), response_ids=list(comp.token_ids),
                     rollout_logprobs=list(comp.logprobs), tiles=batch["pixel_values"][offsets[i]: offsets[i + 1]],
                     response_text=self.tokenizer.decode(comp.token_ids, skip_special_tokens=True),
-                    prompt_text=prompt_text, gold=batch["answers"][i], finished=finished,
+                    prompt_text=prompt_text, gold=batch["answers"][i], prompt_id=batch["sample_ids"][i][0],
+                    finished=finished,
                 ))
         return out
 
@@ -264,7 +270,7 @@ class GRPOTrainer(Trainer):
         need = self.prompts_per_rank * g.group_size
         while True:
             rounds += 1
-            fresh = self._rollout(next(self.data))
+            fresh = self._rollout(self._next_prompts())
             generated += len(fresh)
             res = self.reward_fn([RewardSample(s.prompt_text, s.response_text, s.gold, s.sample_id) for s in fresh])
             finished = torch.tensor([s.finished for s in fresh])
@@ -277,6 +283,10 @@ class GRPOTrainer(Trainer):
                                "accuracy_all": float(res.components["accuracy"].mean()) if "accuracy" in res.components else None}
             for k, v in res.counter.items():
                 counters[k] = counters.get(k, 0) + v
+            if self.prompt_filter is not None:
+                group_adv = compute_advantages(g.advantage, res.total, g.group_size, g.advantage_eps).view(-1, g.group_size)
+                for grp, adv in enumerate(group_adv):
+                    self.prompt_filter.record(fresh[grp * g.group_size].prompt_id, adv)
             keep = torch.ones(len(fresh), dtype=torch.bool)
             if g.dynamic_sampling:
                 groups_ok = informative_groups(res.total, g.group_size)
@@ -390,7 +400,38 @@ class GRPOTrainer(Trainer):
             "weight_push_s": float(push.get("seconds", push.get("push_s", float("nan")))) if isinstance(push, dict) else None,
             "samples": len(samples) * self.dp_size, "truncated_at_image_token": self.truncated_at_image_token,
         })
+        if self.prompt_filter is not None:  # summed over DP ranks: prompts skipped so far, exhausted now
+            skipped_total, exhausted = self._global_sum([
+                float(self.prompts_filtered), float(sum(self.prompt_filter.is_exhausted(p) for p in self.prompt_filter.history))])
+            record.update({"prompts_filtered_total": skipped_total, "prompts_exhausted": exhausted})
         return record
+
+    def _next_prompts(self) -> dict:
+        """The next `prompts_per_rank` prompts; with the SSB offline filter, exhausted ones are skipped
+        (counted in prompts_filtered_total) and surplus ones wait in `pending_prompts` for the next call."""
+        if self.prompt_filter is None:
+            return next(self.data)
+        from engine.data.batch import select_rl_rows
+
+        pad = self.data.ctx.tokenizer.pad_id
+        shard = self.data.plans.sampler.shard_size
+        scanned = 0
+        while len(self.pending_prompts) < self.prompts_per_rank:
+            if scanned > 2 * shard:
+                raise RuntimeError(
+                    f"algorithm.ssb.offline_filter: every prompt of this rank's {shard} had zero-advantage groups in its "
+                    f"last {self.prompt_filter.window} rollouts (all right or all wrong): nothing left to learn from "
+                    "data.train_path. Stop here, add prompts, or raise algorithm.ssb.offline_window.")
+            batch = next(self.data)
+            for row, pid in enumerate(sid[0] for sid in batch["sample_ids"]):
+                scanned += 1
+                if self.prompt_filter.is_exhausted(pid):
+                    self.prompts_filtered += 1
+                else:
+                    self.pending_prompts.append(select_rl_rows([batch], [(0, row)], pad))
+        take = self.pending_prompts[: self.prompts_per_rank]
+        self.pending_prompts = self.pending_prompts[self.prompts_per_rank:]
+        return select_rl_rows(take, [(k, 0) for k in range(len(take))], pad)
 
     def _dump_rollouts(self, samples: list[Rollout], rewards: torch.Tensor, advantages: torch.Tensor, k: int = 4) -> None:
         """Rank 0 appends its first k samples of the episode to <run_dir>/rollouts.jsonl (to read, not parse)."""
@@ -457,11 +498,16 @@ class GRPOTrainer(Trainer):
         return self.cfg.algorithm.metrics.select_checkpoint_by, True
 
     def extra_state(self) -> dict:
-        return {"ssb": self.buffer.state_dict() if self.buffer is not None else None}
+        return {"ssb": self.buffer.state_dict() if self.buffer is not None else None,
+                "prompt_filter": self.prompt_filter.state_dict() if self.prompt_filter is not None else None,
+                "prompts_filtered": self.prompts_filtered}
 
     def load_extra_state(self, state: dict) -> None:
         if self.buffer is not None and state.get("ssb"):
             self.buffer.load_state_dict(state["ssb"])
+        if self.prompt_filter is not None and state.get("prompt_filter"):
+            self.prompt_filter.load_state_dict(state["prompt_filter"])
+            self.prompts_filtered = state.get("prompts_filtered", 0)
 
 
 def run(cfg, resume: str | None = None) -> int:

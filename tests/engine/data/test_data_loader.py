@@ -159,3 +159,23 @@ def test_rl_prompts(demo_dir):
     assert "labels" not in batch and len(batch["prompt_ids"][1]) == int(batch["prompt_lengths"][1])
     assert batch["pixel_values"].shape[0] == int(batch["tiles_per_row"].sum())
     assert all(p[0].endswith(".png") for p in batch["image_paths"])
+
+
+def test_select_rl_rows_regroups_rows_with_their_tiles(demo_dir):
+    from engine.data.batch import select_rl_rows
+
+    cfg = tiny_config(train_path=str(demo_dir / "rl.jsonl"), format="rl", packing=False, shuffle=False)
+    it = build_rl_prompt_iterator(cfg, batch_size=3)
+    a, b = next(it), next(it)
+    out = select_rl_rows([a, b], [(1, 2), (0, 0), (1, 0)], pad_id=-7)
+
+    def tiles(batch, row):
+        start = int(batch["tiles_per_row"][:row].sum())
+        return batch["pixel_values"][start: start + int(batch["tiles_per_row"][row])]
+
+    for k, (src, row) in enumerate([(b, 2), (a, 0), (b, 0)]):
+        assert out["sample_ids"][k] == src["sample_ids"][row] and out["answers"][k] == src["answers"][row]
+        assert out["prompt_ids"][k] == src["prompt_ids"][row] and out["image_paths"][k] == src["image_paths"][row]
+        n = len(src["prompt_ids"][row])
+        assert out["tokens"][k, :n].tolist() == src["prompt_ids"][row] and (out["tokens"][k, n:] == -7).all()
+        assert torch.equal(tiles(out, k), tiles(src, row)) and int(out["prompt_lengths"][k]) == n

@@ -48,11 +48,13 @@ def test_grpo_with_kl_reference_and_selective_sample_buffer(demo_data, tmp_path)
         # validation pass@1 every episode; the best checkpoint by it survives keep_checkpoints=1
         f"data.valid_path={demo_data / 'rl.jsonl'}", "train.eval_interval=1", "train.eval_batches=1",
         "train.save_interval=1", "train.keep_checkpoints=1", "algorithm.metrics.select_checkpoint_by=val_accuracy",
+        "algorithm.ssb.offline_filter=true", "algorithm.ssb.offline_window=2",  # R1V2's prompt-pool filter
     ])
     finish(proc, timeout=400)
     recs = records(tmp_path)
     assert "effective_sample_ratio_with_buffer" in recs[-1] and "kl" in recs[-1]
     assert all(0.0 <= r["truncated_ratio"] <= 1.0 and math.isfinite(r["loss"]) for r in recs), recs
+    assert recs[0]["prompts_exhausted"] == 0 and 0 <= recs[1]["prompts_exhausted"] <= 8  # window 2: none after 1
     assert all(0.0 <= r["val_accuracy"] <= 1.0 and r["val_response_length"] > 0 for r in recs), recs
     best = ckpt.best_checkpoint_info(tmp_path)
     assert best["metric"] == "val_accuracy" and best["step"] == best_checkpoint(recs, "val_accuracy"), (best, recs)
