@@ -103,11 +103,15 @@ class MPOConfig:
     w_quality: float = field_(0.2, "w2, BCO quality term (InternVL MPO: 0.2)")
     w_gen: float = field_(1.0, "w3, length-normalised NLL on the chosen response (InternVL MPO: 1.0)")
     delta_momentum: float | None = field_(None, "BCO δ: null = cumulative mean of rewards, else EMA momentum")
-    pair_reward_gap: float = field_(15.0, "reward-model score gap to form a pair (R1V2 'MPO threshold' 7/10/15; 15 best)")
+    pair_reward_gap: float = field_(
+        0.0, "use only pairs with chosen_score - rejected_score >= this (R1V2 'MPO threshold' 7/10/15, 15 best; "
+             "0: every pair, scores optional)")
 
     def validate(self, root) -> None:
         if self.beta <= 0:
             raise ConfigError(f"algorithm.mpo.beta={self.beta} must be > 0")
+        if self.pair_reward_gap < 0:
+            raise ConfigError(f"algorithm.mpo.pair_reward_gap={self.pair_reward_gap} must be >= 0 (0: every pair)")
         if min(self.w_pref, self.w_quality, self.w_gen) < 0:
             raise ConfigError("algorithm.mpo weights w_pref/w_quality/w_gen must be >= 0")
         if self.delta_momentum is not None and not 0 <= self.delta_momentum < 1:

@@ -195,12 +195,32 @@ class SampleSource:
     def __init__(self, path: str | Path, fmt: str, max_samples: int = 0):
         self.index = JsonlIndex(path)
         if max_samples and max_samples < len(self.index):  # the first N samples only (a small prompt pool)
-            self.index.offsets, self.index.lines = self.index.offsets[:max_samples], self.index.lines[:max_samples]
+            self.keep_only(range(max_samples))
         self.fmt = fmt
         self.base = self.index.path.parent
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def keep_only(self, indices) -> None:
+        """Restrict the source to these samples (in this order); file:line messages stay right."""
+        indices = list(indices)
+        self.index.offsets = [self.index.offsets[i] for i in indices]
+        self.index.lines = [self.index.lines[i] for i in indices]
+
+    def pairs_with_reward_gap(self, min_gap: float) -> list[int]:
+        """Preference pairs with chosen_score - rejected_score >= min_gap (R1V2's "MPO threshold"). A pair
+        without both scores cannot be judged: DataError naming file:line."""
+        keep = []
+        for i in range(len(self)):
+            sample = self[i]
+            if sample.chosen_score is None or sample.rejected_score is None:
+                raise DataError("bad_field", f"algorithm.mpo.pair_reward_gap={min_gap} needs 'chosen_score' and "
+                                "'rejected_score' on every pair; add them, or set algorithm.mpo.pair_reward_gap=0 "
+                                "to use every pair", self.index.where(i))
+            if sample.chosen_score - sample.rejected_score >= min_gap:
+                keep.append(i)
+        return keep
 
     def __getitem__(self, i: int) -> Sample:
         where = self.index.where(i)

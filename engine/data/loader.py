@@ -15,7 +15,8 @@ different steps; the iterator never ends.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ from engine.data.images import TileSpec, build_image_pipeline
 from engine.data.packing import pack_rows
 from engine.data.sampler import ShardedSampler
 from engine.data.template import ChatTemplate, ChatTokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class DataContext:
     image_pipeline: str
     dali_device: str
     on_error: str
+    filtered: dict[str, int] = field(default_factory=dict)  # samples left out by policy, by reason (counted)
 
     def make_pipeline(self):
         return build_image_pipeline(self.image_pipeline, self.spec, self.dali_device)
@@ -74,10 +78,22 @@ def build_data_context(cfg, path: str | Path | None = None, fmt: str | None = No
     template = ChatTemplate(tok, cfg.model.tokens_per_tile, d.thinking, d.system_prompt)
     spec = tile_spec(d)
     max_samples = d.max_samples if d.train_path and Path(path) == Path(d.train_path) else 0  # never cut validation
-    planner = Planner(SampleSource(path, fmt or d.format, max_samples), template, spec, cfg.train.seq_length,
-                      tok.image_token_id, d.truncate)
+    source = SampleSource(path, fmt or d.format, max_samples)
+    filtered = {}
+    gap = cfg.algorithm.mpo.pair_reward_gap
+    if source.fmt == "preference" and gap > 0:
+        keep = source.pairs_with_reward_gap(gap)
+        filtered["below_pair_reward_gap"] = len(source) - len(keep)
+        if not keep:
+            raise DataError("no_samples", f"no preference pair in {path} has chosen_score - rejected_score >= {gap}; "
+                                          "lower algorithm.mpo.pair_reward_gap")
+        if filtered["below_pair_reward_gap"]:
+            log.warning("%d of %d preference pairs in %s have chosen_score - rejected_score < %s: not used "
+                        "(algorithm.mpo.pair_reward_gap)", filtered["below_pair_reward_gap"], len(source), path, gap)
+        source.keep_only(keep)
+    planner = Planner(source, template, spec, cfg.train.seq_length, tok.image_token_id, d.truncate)
     return DataContext(tok, template, spec, planner, cfg.train.seq_length, cfg.model.tokens_per_tile,
-                       tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error)
+                       tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error, filtered)
 
 
 @dataclass
@@ -227,7 +243,9 @@ def build_train_iterator(cfg, dp_rank: int = 0, dp_size: int = 1, path: str | Pa
     rows = cfg.train.micro_batch_size
     packing = d.packing and d.format == "sft"
     window = d.pack_window if packing else -(-d.pack_window // rows) * rows  # unpacked: whole micro-batches per window
-    plans = MicroBatchPlans(ctx, sampler, rows, packing, window, SkipCounter())
+    skips = SkipCounter()
+    skips.merge(ctx.filtered)  # in the run's data_skipped metric
+    plans = MicroBatchPlans(ctx, sampler, rows, packing, window, skips)
     it = DataIterator(ctx, plans, d.format, d.num_workers, d.prefetch_factor)
     if state is not None:
         it.load_state_dict(state)

@@ -105,3 +105,23 @@ def test_max_samples_cuts_the_training_file_only(tmp_path):
     assert len(build_data_context(cfg, path=valid).planner.source) == 5
     with pytest.raises(ConfigError, match="max_samples=-1"):
         tiny_config(train_path=str(train), max_samples=-1)
+
+
+def test_pair_reward_gap_keeps_pairs_at_or_above_it_and_counts_the_rest(tmp_path):
+    from engine.data.loader import build_train_iterator
+
+    pairs = [{"id": f"p{i}", "prompt": "q", "chosen": "a", "rejected": "b", "chosen_score": c, "rejected_score": r}
+             for i, (c, r) in enumerate([(20, 4), (10, 4), (15, 0), (3, 9), (30, 15)])]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = tiny_config(train_path=str(path), format="preference", packing=False, shuffle=False)
+    mcfg = tiny_config("algorithm.mpo.pair_reward_gap=15", train_path=str(path), format="preference", packing=False,
+                       shuffle=False)
+    it = build_train_iterator(mcfg)
+    assert [it.ctx.planner.source[i].id for i in range(len(it.ctx.planner.source))] == ["p0", "p2", "p4"]
+    assert it.skips.counts["below_pair_reward_gap"] == 2
+    assert len(build_train_iterator(cfg).ctx.planner.source) == 5  # gap 0 (default): every pair
+
+    write_jsonl(path, pairs[:2] + [{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="pairs.jsonl:3") as e:
+        build_train_iterator(mcfg)
+    assert "chosen_score" in str(e.value)
