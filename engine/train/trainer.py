@@ -258,7 +258,7 @@ class Trainer:
     def _selection_score(self) -> tuple[str, float, bool] | None:
         """The selection metric of the step being saved (None when that step's record lacks it)."""
         sel = self.selection_metric()
-        record = getattr(self, "last_record", None) or {}
+        record = self.last_record
         if sel is None or record.get("step") != self.step or record.get(sel[0]) is None:
             return None
         return sel[0], float(record[sel[0]]), sel[1]
@@ -282,6 +282,7 @@ class Trainer:
         last_saved = self.step
         key, higher = self.validation_metric
         best, evals_since_best = None, 0
+        self.last_record: dict = {}  # the newest step's metrics (its selection metric scores a save)
         try:
             while self.step < c.max_steps:
                 record = self.last_record = self.train_step()
