@@ -21,25 +21,18 @@ MiB = 1 << 20
 SLACK = 40 * MiB  # what is not a piece: the plan, DCP metadata, the meta-device model (11-14 MiB seen)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_checkpoint_memory", REPO / "tools/bench_checkpoint_memory.py")
+def _tool(name: str):
+    """A script of tools/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def _peak_rss_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _peak_rss_supported(), reason="needs Linux's resettable peak RSS (/proc/self/clear_refs)")
+@pytest.mark.skipif(not _tool("convert_checkpoint").reset_peak_rss(),
+                    reason="needs Linux's resettable peak RSS (/proc/self/clear_refs)")
 def test_hf_to_mcore_peak_memory_is_pieces_not_the_model(tmp_path: Path):
-    bench = _bench()
+    bench = _tool("bench_checkpoint_memory")
     sizes = bench.write_synthetic_qwen2(tmp_path / "hf", hidden=512, layers=16, vocab=8192, ffn=1408, heads=8,
                                         kv_heads=2)
     r = bench.cli(["hf-to-mcore", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "mc")], timeout=240)
