@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     from engine.rl.alcotd import AlcotdParams
 
     cfg = load_config(args.config, list(args.overrides) + ["data.format=rl", "data.packing=false",
-                                                           "data.thinking=think", f"data.train_path={args.data}"])
+                                                           "data.thinking=think", f"data.train_path={args.data}",
+                                                           "data.max_samples=0"])  # the whole file (--limit cuts)
     d = cfg.algorithm.decoding
     alpha = d.alcotd_alpha if args.alpha is None else args.alpha
     beta = d.alcotd_beta if args.beta is None else args.beta

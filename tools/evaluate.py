@@ -33,7 +33,8 @@ def main(argv=None) -> int:
 
     from engine.config import load_config
 
-    overrides = list(args.overrides) + ["data.format=rl", "data.packing=false"]
+    # the whole file: a recipe's data.max_samples (a training prompt pool) does not cut a benchmark; --limit does
+    overrides = list(args.overrides) + ["data.format=rl", "data.packing=false", "data.max_samples=0"]
     if args.data:
         overrides.append(f"data.train_path={args.data}")
     cfg = load_config(args.config, overrides)
