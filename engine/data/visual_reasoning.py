@@ -4,7 +4,8 @@ Five tasks, each at difficulty 1-3: counting shapes by colour, arithmetic on ren
 comparing sizes (multiple choice), reading a bar chart, the third angle of a triangle. Sample k of a
 seed is drawn from random.Random(seed * 1_000_003 + k) alone, so the set is deterministic and any
 prefix of it is the same whatever the total size. Each sample yields an SFT conversation (a `<think>`
-trace and a `\\boxed{}` answer), a preference pair (correct vs a wrong trace/answer) and an RL prompt.
+trace and a `\\boxed{}` answer), a preference pair (correct vs a wrong trace/answer) and an RL prompt
+(with synthetic AL-CoTD scores s_v / s_t / s_i).
 """
 
 from __future__ import annotations
@@ -221,6 +222,20 @@ def make_item(seed: int, k: int) -> tuple[str, int, Item]:
     return task, level, MAKERS[task](rng, level)
 
 
+# How much of each task's answer has to be read off the image (synthetic S_v base, see alcotd_scores)
+VISUAL_LOAD = {"count": 0.6, "arithmetic": 0.2, "compare": 0.5, "bar_chart": 0.7, "triangle": 0.4}
+
+
+def alcotd_scores(task: str, level: int, item: Item, seed: int, k: int) -> dict[str, float]:
+    """Synthetic R1V AL-CoTD scores in [0, 1] (R1V gets them from QDAM / VTIA models): S_v from the task's
+    visual load and the level, S_t from the question's length, S_I from the level; deterministic noise."""
+    noise = random.Random(seed * 104_729 + k)
+    s_v = VISUAL_LOAD[task] + 0.1 * (level - 1) + noise.uniform(0.0, 0.1)
+    s_t = len(item.question.split()) / 40 + noise.uniform(0.0, 0.1)
+    s_i = level / 3 - noise.uniform(0.0, 0.15)
+    return {key: round(min(1.0, max(0.0, v)), 3) for key, v in (("s_v", s_v), ("s_t", s_t), ("s_i", s_i))}
+
+
 def _response(trace: str, answer: str) -> str:
     return f"<think>\n{trace}\n</think>\n\nThe answer is \\boxed{{{answer}}}."
 
@@ -248,7 +263,8 @@ def write_demo_set(out_dir: str | Path, num_samples: int, seed: int = 0) -> dict
                                                     "rejected": _response(item.wrong_trace, item.wrong),
                                                     "chosen_score": 1.0, "rejected_score": 0.0}) + "\n")
             handles["rl"].write(json.dumps({"id": f"vr-{k:06d}", "image": rel, **meta, "prompt": prompt,
-                                            "answer": item.answer, "type": item.kind}) + "\n")
+                                            "answer": item.answer, "type": item.kind,
+                                            **alcotd_scores(task, level, item, seed, k)}) + "\n")
     finally:
         for f in handles.values():
             f.close()

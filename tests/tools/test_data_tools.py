@@ -48,6 +48,9 @@ def test_demo_set_is_deterministic_and_complete(demo, tmp_path):
     assert all(p["chosen"] != p["rejected"] for p in pref)
     rl = [json.loads(x) for x in (demo / "rl.jsonl").read_text().splitlines()]
     assert all(f"\\boxed{{{r['answer']}}}" in s["conversations"][1]["value"] for r, s in zip(rl, sft))
+    assert all(0.0 <= r[key] <= 1.0 for r in rl for key in ("s_v", "s_t", "s_i"))  # synthetic AL-CoTD scores
+    by_level = {lvl: [r["s_i"] for r in rl if r["level"] == lvl] for lvl in (1, 2, 3)}
+    assert max(by_level[1]) < min(by_level[3])  # integration score follows the difficulty
 
 
 KEYS = {"id", "status", "error", "tiles", "image_tokens", "tokens", "truncated"}

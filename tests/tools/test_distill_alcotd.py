@@ -39,8 +39,10 @@ def memorized(demo, tmp_path_factory) -> Path:
 
 
 def write_scored(demo: Path, path: Path, rows: list[tuple[int, str, dict]]) -> None:
-    """rows: (demo row index, id, score fields) -> an RL-format file next to the demo images."""
-    base = [json.loads(line) for line in (demo / "rl.jsonl").read_text().splitlines()]
+    """rows: (demo row index, id, score fields) -> an RL-format file next to the demo images, with only the
+    given scores (the demo set's own synthetic s_v / s_t / s_i are dropped)."""
+    base = [{key: v for key, v in json.loads(line).items() if key not in ("s_v", "s_t", "s_i")}
+            for line in (demo / "rl.jsonl").read_text().splitlines()]
     path.write_text("".join(json.dumps({**base[k], "id": sid, **scores}) + "\n" for k, sid, scores in rows))
 
 
