@@ -335,13 +335,19 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
 
 def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool = False,
                 max_shard_bytes: int = 2 << 30, show_progress: bool = True) -> dict:
-    """Single process. Streams the dist checkpoint group by group into HF safetensors shards."""
+    """Single process. Streams the dist checkpoint group by group into HF safetensors shards. `ckpt`: a dist
+    checkpoint dir, or a training run dir / its `checkpoints/latest` or `checkpoints/best` pointer."""
     from engine.config.parallel import ParallelConfig
     from engine.parallel.init import initialize
+    from engine.train.checkpointing import resolve_checkpoint
 
     if layout not in ADAPTERS:
         raise CheckpointError(f"--layout {layout!r}: choose one of {sorted(ADAPTERS)}")
     adapter = ADAPTERS[layout]
+    try:
+        ckpt = resolve_checkpoint(ckpt)
+    except FileNotFoundError:
+        pass  # not a training run: read_meta below says what is missing
     meta = read_meta(ckpt)
     mcfg = meta["model_config"]
     if mcfg.text_only and "vision" in adapter.parts:

@@ -202,9 +202,10 @@ def single(root: Path) -> dict:
     cfg = engine_config(open_source(hf / "nat_gqa").model_dict)
     model = build_for_this_stage(cfg, initialize(cfg.parallel))
     res["trainer/init_from_converted_step"] = trainer_ckpt.load_model_only(root / "mc" / "nat_gqa", model)["step"]
-    step_dir = trainer_ckpt.save_checkpoint(root / "run", 5, model, None, trainer_state={}, meta={"config": to_dict(cfg)},
-                                            keep=1)
-    mcore_to_hf(step_dir, root / "export" / "from_trainer", "internvl", show_progress=False)
+    trainer_ckpt.save_checkpoint(root / "run", 5, model, None, trainer_state={}, meta={"config": to_dict(cfg)},
+                                 keep=1)
+    mcore_to_hf(root / "run" / "checkpoints" / "latest", root / "export" / "from_trainer", "internvl",
+                show_progress=False)  # a run's pointer file names the step dir
     res["trainer/export_of_training_checkpoint"] = bit_identical(hf / "nat_gqa", root / "export" / "from_trainer")
     import shutil
 
