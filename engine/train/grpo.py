@@ -119,7 +119,7 @@ class GRPOTrainer(Trainer):
             self.buffer = SelectiveSampleBuffer(s.capacity, s.max_age, s.seed, s.min_abs_advantage)
         # SSB offline mode: prompts whose last groups had no signal are not rolled out again
         self.prompt_filter = PromptPoolFilter(c.algorithm.ssb.offline_window) if c.algorithm.ssb.offline_filter else None
-        self.pending_prompts: list[dict] = []  # prompts that passed the filter beyond this episode's need
+        self.pending_prompts: list[tuple[dict, int]] = []  # (batch, row) past the filter, beyond this episode's need
         self.prompts_filtered = 0
         self.reference = None
         if c.algorithm.grpo.kl_coef > 0:
@@ -423,15 +423,15 @@ class GRPOTrainer(Trainer):
                     f"last {self.prompt_filter.window} rollouts (all right or all wrong): nothing left to learn from "
                     "data.train_path. Stop here, add prompts, or raise algorithm.ssb.offline_window.")
             batch = next(self.data)
-            for row, pid in enumerate(sid[0] for sid in batch["sample_ids"]):
-                scanned += 1
-                if self.prompt_filter.is_exhausted(pid):
-                    self.prompts_filtered += 1
-                else:
-                    self.pending_prompts.append(select_rl_rows([batch], [(0, row)], pad))
+            ids = [sid[0] for sid in batch["sample_ids"]]
+            kept, dropped = self.prompt_filter.filter(ids)
+            scanned += len(ids)
+            self.prompts_filtered += len(dropped)
+            kept = set(kept)
+            self.pending_prompts += [(batch, row) for row, pid in enumerate(ids) if pid in kept]
         take = self.pending_prompts[: self.prompts_per_rank]
         self.pending_prompts = self.pending_prompts[self.prompts_per_rank:]
-        return select_rl_rows(take, [(k, 0) for k in range(len(take))], pad)
+        return select_rl_rows([b for b, _ in take], [(k, row) for k, (_, row) in enumerate(take)], pad)
 
     def _dump_rollouts(self, samples: list[Rollout], rewards: torch.Tensor, advantages: torch.Tensor, k: int = 4) -> None:
         """Rank 0 appends its first k samples of the episode to <run_dir>/rollouts.jsonl (to read, not parse)."""

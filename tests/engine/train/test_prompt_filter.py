@@ -40,7 +40,7 @@ def test_exhausted_prompts_are_skipped_and_counted(tmp_path):
     t.prompt_filter.record(all_ids[4], torch.tensor([0.5, -0.5, 0.0, 0.0]))  # signal: keep it
     second = t._next_prompts()
     assert _ids(second) == [all_ids[4], all_ids[5], all_ids[6]] and t.prompts_filtered == 1
-    assert [_ids(p) for p in t.pending_prompts] == [[all_ids[7]]]  # the surplus of the last batch waits
+    assert [b["sample_ids"][row][0] for b, row in t.pending_prompts] == [all_ids[7]]  # the last batch's surplus waits
     assert _ids(t._next_prompts())[0] == all_ids[7]
     assert int(second["tiles_per_row"].sum()) == second["pixel_values"].shape[0]
 
