@@ -346,8 +346,10 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
     adapter = ADAPTERS[layout]
     try:
         ckpt = resolve_checkpoint(ckpt)
-    except FileNotFoundError:
-        pass  # not a training run: read_meta below says what is missing
+    except FileNotFoundError as e:
+        if Path(ckpt).is_file():  # a latest/best pointer naming a missing checkpoint
+            raise CheckpointError(str(e)) from None
+        # otherwise not a training run: read_meta below says what is missing
     meta = read_meta(ckpt)
     mcfg = meta["model_config"]
     if mcfg.text_only and "vision" in adapter.parts:

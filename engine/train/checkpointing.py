@@ -136,6 +136,11 @@ def best_checkpoint_info(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def improves(value: float, best: float | None, higher_is_better: bool) -> bool:
+    """Whether `value` beats `best` (None: nothing to beat yet); ties do not."""
+    return best is None or (value > best if higher_is_better else value < best)
+
+
 def _update_best(root: Path, name: str, step: int, score: tuple[str, float, bool] | None) -> None:
     """Point `best` at this checkpoint when its score beats the recorded one (same metric, still on disk)."""
     if score is None or not math.isfinite(score[1]):
@@ -143,7 +148,7 @@ def _update_best(root: Path, name: str, step: int, score: tuple[str, float, bool
     metric, value, higher = score
     old = best_checkpoint_info(root.parent)
     if old and old["metric"] == metric and (root / old["checkpoint"] / "meta.json").exists():
-        if not (value > old["value"] if higher else value < old["value"]):
+        if not improves(value, old["value"], higher):
             return
     info = {"checkpoint": name, "step": step, "metric": metric, "value": value, "higher_is_better": higher}
     for file, text in (("best.json", json.dumps(info)), ("best", name)):

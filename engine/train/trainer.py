@@ -289,7 +289,7 @@ class Trainer:
                 if c.eval_interval and self.step % c.eval_interval == 0:
                     record.update(self.evaluate())
                     value = record[key]
-                    if best is None or (value > best if higher else value < best):
+                    if ckpt.improves(value, best, higher):
                         best, evals_since_best = value, 0
                     else:
                         evals_since_best += 1

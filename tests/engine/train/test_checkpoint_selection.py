@@ -44,3 +44,15 @@ def test_missing_scores_and_new_metrics(tmp_path):
     (root / "best").write_text("step_000099")
     with pytest.raises(FileNotFoundError, match="step_000099"):
         resolve_checkpoint(root / "best")
+
+
+def test_export_of_a_pointer_to_a_missing_checkpoint_names_it(tmp_path):
+    from engine.checkpoint.convert import mcore_to_hf
+    from engine.checkpoint.hf_io import CheckpointError
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    (root / "best").write_text("step_000042")
+    with pytest.raises(CheckpointError, match="best names step_000042"):
+        mcore_to_hf(root / "best", tmp_path / "hf", "internvl_chat", show_progress=False)
+    assert not (tmp_path / "hf").exists()
