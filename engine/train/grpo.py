@@ -351,17 +351,17 @@ class GRPOTrainer(Trainer):
                 self.optimizer.zero_grad()
                 reports = forward_backward(self.ddp, chunk, self.pg, lambda b: partial(
                     _grpo_micro_loss, b, self.pg.tp, c.model.llm.vocab_size, g, c.train.loss_impl))
+                step_loss, step_count = 0.0, 0.0
                 for r in reports:
                     for k, v in r.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
-                if self._grads_finite():
-                    ok, gn, _ = self.optimizer.step()
-                    grad_norms.append(float(gn) if gn is not None else float("nan"))
-                    skipped |= not ok
-                else:
-                    skipped = True
-        self.skipped_steps += int(skipped)
-        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if skipped else 0
+                    step_loss, step_count = step_loss + float(r["loss_sum"]), step_count + float(r["count"])
+                reporter = self._is_loss_reporter()  # one per DP replica (TP ranks hold the same sums)
+                step_loss, step_count = self._global_sum([step_loss if reporter else 0.0, step_count if reporter else 0.0])
+                stepped, gn = self.optimizer_step(step_loss / max(step_count, 1.0), step_count)
+                if stepped:
+                    grad_norms.append(gn)
+                skipped |= not stepped
         self.step += 1
         t_train = time.perf_counter() - t_train
 
@@ -395,7 +395,8 @@ class GRPOTrainer(Trainer):
         record = self._average_over_dp(m)
         record.update({
             "step": self.step, "lr": lr, "grad_norm": grad_norms[-1] if grad_norms else float("nan"),
-            "skipped": skipped, "skipped_steps": self.skipped_steps, "dropped_groups": dropped, "rollout_rounds": rounds,
+            "skipped": skipped, "skipped_steps": self.skipped_steps, "empty_steps": self.empty_steps,
+            "dropped_groups": dropped, "rollout_rounds": rounds,
             "rollout_time_s": t_rollout, "train_time_s": t_train, "step_time_s": time.perf_counter() - t_start,
             "weight_push_s": float(push.get("seconds", push.get("push_s", float("nan")))) if isinstance(push, dict) else None,
             "samples": len(samples) * self.dp_size, "truncated_at_image_token": self.truncated_at_image_token,

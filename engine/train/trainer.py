@@ -45,6 +45,7 @@ class Trainer:
         self.step = 0
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self.empty_steps = 0  # steps skipped because no rank had a learned token
         self._stop_requested = False
         self._metric_keys = None
 
@@ -62,6 +63,7 @@ class Trainer:
             meta, trainer_state = ckpt.load_checkpoint(resume_path, self.model, self.optimizer)
             self.step = int(meta["step"])
             self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+            self.empty_steps = int(trainer_state.get("empty_steps", 0))
             self.load_extra_state(trainer_state.get("extra", {}))
             same_dp = meta.get("dp_size") == self.dp_size
             data_state = trainer_state.get("data") if same_dp else None
@@ -186,25 +188,15 @@ class Trainer:
         sums = dict(zip(keys, values[: len(keys)]))
         seqs, n_tokens, n_tiles = values[len(keys):]
         loss = sums["loss_sum"] / max(sums["count"], 1.0)
-        grad_norm = float("nan")
-        skipped = not (math.isfinite(loss) and self._grads_finite())
-        if skipped:  # a NaN/inf gradient would poison every weight through the clip coefficient
-            self.skipped_steps += 1
-            self.bad_steps_in_a_row += 1
-        else:
-            ok, grad_norm, _ = self.optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            self.bad_steps_in_a_row = 0 if ok else self.bad_steps_in_a_row + 1
-            if not ok:
-                self.skipped_steps += 1
-                skipped = True
+        stepped, grad_norm = self.optimizer_step(loss, sums["count"])
+        skipped = not stepped
         self.step += 1
         dt = time.perf_counter() - t0
         flops = step_flops(cfg.model, cfg.train.seq_length, int(n_tokens), int(n_tiles))
         world = dist.get_world_size()
         record = {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-            "skipped_steps": self.skipped_steps, **self.finish_metrics(sums),
+            "skipped_steps": self.skipped_steps, "empty_steps": self.empty_steps, **self.finish_metrics(sums),
             "tokens_per_s": n_tokens / dt, "samples_per_s": seqs / dt, "step_time_s": dt,
             "tflops_per_gpu": flops / dt / world / 1e12,
             "mfu": (flops / dt / world / self._peak_flops) if self._peak_flops else None,
@@ -213,6 +205,30 @@ class Trainer:
             "data_skipped": dict(self.data.skips.counts) if hasattr(self.data.skips, "counts") else {},
         }
         return record
+
+    def optimizer_step(self, loss: float, count: float) -> tuple[bool, float]:
+        """The one optimizer-step path of every stage (SFT-like, MPO, each of GRPO's gradient steps), after the
+        gradients of the step are accumulated. `loss` and `count` (learned tokens, or pairs / rows) are global sums
+        over the data-parallel ranks, so every rank takes the same decision.
+
+        Skipped, and counted in `skipped_steps`: a step with nothing to learn (count 0 on every rank, e.g. every
+        sample failed to load; also counted in `empty_steps`), a non-finite loss or gradient (a NaN/inf gradient
+        would poison every weight through the clip coefficient), or a step the optimizer itself refuses.
+        Non-finite and refused steps count towards `train.max_bad_steps` in a row. Returns (stepped, grad_norm)."""
+        if count <= 0:
+            self.skipped_steps += 1
+            self.empty_steps += 1
+            return False, float("nan")
+        if not (math.isfinite(loss) and self._grads_finite()):
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+            return False, float("nan")
+        ok, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.bad_steps_in_a_row = 0 if ok else self.bad_steps_in_a_row + 1
+        if not ok:
+            self.skipped_steps += 1
+        return bool(ok), grad_norm
 
     def _grads_finite(self) -> bool:
         """All ranks agree whether every local gradient is finite (before the optimizer touches them)."""
@@ -269,7 +285,7 @@ class Trainer:
         ckpt.save_checkpoint(
             c.train.run_dir, self.step, self.model, self.optimizer,
             trainer_state={"data": self.data.state_dict(), "skipped_steps": self.skipped_steps,
-                           "extra": self.extra_state()},
+                           "empty_steps": self.empty_steps, "extra": self.extra_state()},
             meta={"config": to_dict(c), "dp_size": self.dp_size, "world_size": dist.get_world_size(),
                   "tokenizer_path": c.data.tokenizer_path},
             keep=c.train.keep_checkpoints, score=self._selection_score(),
