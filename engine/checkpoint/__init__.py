@@ -8,6 +8,7 @@ hf_rows     our tensors / row ranges of them from HF safetensors, by plain reads
 lazy_save   a megatron dist checkpoint written piece by piece (torch DCP), no model tensors held
 mcore_io    dist checkpoint save/load at any TP/PP + metadata; streaming group reader
 sharding    TP-correct sharded state dict for the ViT / connector
+conversion_config  the engine Config a conversion builds models from
 convert     streaming hf -> mcore / mcore -> hf / assembly
 parity      logits of our model vs transformers
 atomic      all-or-nothing output directories

@@ -12,10 +12,8 @@ half-written checkpoint under the requested name.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -25,42 +23,16 @@ import torch.distributed as dist
 
 from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, _tokenizer_token_id, check_model_dict, detect_layout
 from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
+from engine.checkpoint.conversion_config import engine_config
 from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
 from engine.checkpoint.hf_rows import HFRows
 from engine.checkpoint.lazy_save import MAX_PIECE_BYTES, build_layout
 from engine.checkpoint.lazy_save import save as save_pieces
 from engine.checkpoint.mcore_io import _VOCAB, GroupReader, read_meta, write_meta
-from engine.config.base import ConfigError, from_dict, validate_tree
+from engine.config.base import ConfigError
 from engine.model.transformer_configs import torch_dtype
 
 TOKENIZER_SUBDIR = "hf_files"  # tokenizer / processor / generation files kept with a dist checkpoint
-
-
-def engine_config(model_dict: dict, tp: int = 1, pp: int = 1):
-    """A full, validated engine Config around a model config, for building models to convert/check."""
-    from engine.config import Config
-
-    md = copy.deepcopy(model_dict)
-    # Conversion uses megatron's local spec: its parameter names are the keymap's. The dist checkpoint
-    # keys are the same under Transformer Engine (megatron maps local norms to TE's fused names).
-    md["transformer_impl"] = "local"
-    vision = md.get("vision")
-    if vision and not vision.get("padded_num_heads") and vision.get("num_attention_heads", 1) % tp:
-        # e.g. InternViT-6B's 25 heads at TP=8: add all-zero heads up to a multiple of lcm(tp, 8) (= 32),
-        # so the checkpoint also loads at TP = 1, 2, 4, 8; exports drop them again.
-        step = math.lcm(tp, 8)
-        vision["padded_num_heads"] = -(-vision["num_attention_heads"] // step) * step
-    max_pos = md.get("llm", {}).get("max_position_embeddings", 32768)
-    image_size = md.get("vision", {}).get("image_size", 448)
-    data = {"model": md, "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-            "data": {"tile_size": image_size, "max_tiles": 1, "thumbnail": False},
-            "train": {"seq_length": max_pos}}
-    try:
-        cfg = from_dict(Config, data)
-        validate_tree(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"the converted model config is not valid here: {e}") from None
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- sources

@@ -173,7 +173,7 @@ def _check_files(ckpt_dir) -> None:
 
 def build_meta_model(mcfg: ModelConfig, pg):
     """A TP=1/PP=1 model on the meta device: its sharded state dict gives names, keys and shapes."""
-    from engine.checkpoint.convert import engine_config
+    from engine.checkpoint.conversion_config import engine_config
     from engine.model.build import build_vlm
 
     cfg = engine_config(to_dict(mcfg), tp=1, pp=1)
