@@ -141,6 +141,39 @@ def _check_connector_fits(connector: Source, md: dict) -> None:
 # ------------------------------------------------------------------------------------ output handling
 
 
+def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (symlinks resolved).
+
+    The output is replaced at the end (with --force) and its `<out>.partial` / `<out>.replaced` siblings are
+    removed while writing, so an overlap would delete what the command is still reading: `mcore-to-hf --out
+    <its --ckpt> --force` used to replace its own source. `inputs`: role (for the message) -> path.
+    """
+    out = Path(out)
+    written = {out: "is", out.parent / f"{out.name}.partial": "stages in",
+               out.parent / f"{out.name}.replaced": "swaps through"}
+    for role, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        for target, verb in written.items():
+            dst = target.resolve()
+            if src == dst:
+                how = f"{verb} the {role} {path}"
+            elif src.is_relative_to(dst):
+                how = f"{verb} {dst}, which contains the {role} {path}"
+            elif dst.is_relative_to(src):
+                how = f"{verb} {dst}, inside the {role} {path}"
+            else:
+                continue
+            if str(src) != str(path):
+                how += f" (= {src})"
+            raise CheckpointError(
+                f"--out {out} {how}: writing it would delete what this command reads; choose an output directory "
+                "outside every input"
+            )
+
+
+
 def _progress(items, desc: str, show: bool):
     from tqdm import tqdm
 
@@ -267,6 +300,11 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
     from engine.config.parallel import ParallelConfig
     from engine.parallel.init import initialize
 
+    parts_of: dict[Path, list[str]] = {}
+    for part, src in sources.items():
+        if src is not None:
+            parts_of.setdefault(src.dir, []).append(part)
+    refuse_overlap(out, {f"source of the {'/'.join(parts)}": d for d, parts in parts_of.items()})
     if _is_nonempty(Path(out)) and not force:  # fail before building anything
         raise CheckpointError(f"output {out} exists and is not empty; pass --force to replace it")
     check_model_dict(model_dict, "converted config")
@@ -316,13 +354,17 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
     if layout not in ADAPTERS:
         raise CheckpointError(f"--layout {layout!r}: choose one of {sorted(ADAPTERS)}")
     adapter = ADAPTERS[layout]
+    given = ckpt
     try:
         ckpt = resolve_checkpoint(ckpt)
     except FileNotFoundError as e:
         if Path(ckpt).is_file():  # a latest/best pointer naming a missing checkpoint
             raise CheckpointError(str(e)) from None
         # otherwise not a training run: read_meta below says what is missing
+    refuse_overlap(out, {"--ckpt": given, "checkpoint": ckpt})
     meta = read_meta(ckpt)
+    if meta.get("tokenizer_path"):  # a training checkpoint's is the run's data.tokenizer_path (absolute)
+        refuse_overlap(out, {"tokenizer directory": Path(ckpt) / meta["tokenizer_path"]})
     mcfg = meta["model_config"]
     if mcfg.text_only and "vision" in adapter.parts:
         raise CheckpointError(f"{ckpt} holds a text-only model; export it with --layout qwen2")
@@ -358,5 +400,5 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
 
 __all__ = [
     "Source", "assemble_model_dict", "atomic_output_dir", "engine_config", "hf_to_mcore", "load_sources_into",
-    "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "tokenizer_report",
+    "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "refuse_overlap", "tokenizer_report",
 ]

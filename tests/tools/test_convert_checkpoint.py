@@ -114,3 +114,30 @@ def test_parity_tool_under_torchrun_tp2_on_chat_layout(hf):
     proc = torchrun(REPO / PARITY, ["--hf-dir", str(hf["chat"]), "--tp", "2", "--json"], nproc=2, timeout=180)
     r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert r["passed"] and r["tp"] == 2 and r["layout"] == "internvl_chat" and r["max_abs_logit_diff"] <= 1e-4
+
+
+def _listing(d: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*") if p.is_file())
+
+
+def test_no_direction_writes_over_its_own_input(hf, converted):
+    """--out equal to, inside, or around an input -- directly or through a symlink -- is refused (exit 2)
+    before anything is written, even with --force; the input is left as it was."""
+    ckpt_before, hf_before = _listing(converted), _listing(hf["nat"])
+    link = hf["root"] / "mc_link"
+    link.symlink_to(converted)
+    runs = {
+        "mcore-to-hf same": (["mcore-to-hf", "--ckpt", converted, "--out", converted, "--layout", "internvl"], "is the --ckpt"),
+        "mcore-to-hf symlink": (["mcore-to-hf", "--ckpt", converted, "--out", link, "--layout", "internvl"], "is the --ckpt"),
+        "mcore-to-hf inside": (["mcore-to-hf", "--ckpt", converted, "--out", converted / "hf", "--layout", "qwen2"],
+                               "inside the --ckpt"),
+        "hf-to-mcore same": (["hf-to-mcore", "--hf-dir", hf["nat"], "--out", hf["nat"]], "is the source of the vision/projector/llm"),
+        "assemble around": (["assemble", "--vision", hf["nat"], "--connector", "init", "--llm", hf["qwen"], "--out", hf["root"]],
+                            "contains the source of the vision"),
+    }
+    for name, (args, match) in runs.items():
+        proc = run(CONVERT, *args, "--force", "--no-progress")
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert match in proc.stderr and "outside every input" in proc.stderr, (name, proc.stderr[-2000:])
+    assert _listing(converted) == ckpt_before and _listing(hf["nat"]) == hf_before
+    assert not (hf["root"] / "mc.partial").exists() and not list(hf["root"].glob("*.replaced"))
