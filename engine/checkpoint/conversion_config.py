@@ -37,7 +37,7 @@ def engine_config(model_dict: dict, tp: int = 1, pp: int = 1):
     image_size = md.get("vision", {}).get("image_size", 448)
     data = {"model": md, "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
             "data": {"tile_size": image_size, "max_tiles": 1, "thumbnail": False},
-            "train": {"seq_length": max_pos}}
+            "train": {"seq_length": max_pos}, "rollout": {"max_model_len": max_pos}}
     try:
         cfg = from_dict(Config, data)
         validate_tree(cfg)

@@ -26,6 +26,7 @@ from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
 from engine.checkpoint.conversion_config import engine_config
 from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
 from engine.checkpoint.hf_rows import HFRows
+from engine.checkpoint.keymap import mappings, num_layers
 from engine.checkpoint.lazy_save import MAX_PIECE_BYTES, build_layout
 from engine.checkpoint.lazy_save import save as save_pieces
 from engine.checkpoint.mcore_io import _VOCAB, GroupReader, read_meta, write_meta
@@ -138,6 +139,49 @@ def _check_connector_fits(connector: Source, md: dict) -> None:
         )
 
 
+def unread_tensors(sources: dict[str, Source | None], mcfg) -> dict[Path, list[str]]:
+    """Per source directory, the HF tensors of the parts taken from it that no mapping reads.
+
+    A checkpoint is converted whole: a tensor nothing reads means config.json describes another model than the
+    weights (a vision_config that leaves out qk_normalization while the file has q/k norms, a tied config with
+    an lm_head) or the file holds something we do not model. Exempt: the encoder blocks after select_layer (not
+    built, documented) and, for a source only some parts are taken from (`assemble`), the other parts' tensors.
+    """
+    taken: dict[Path, tuple[Source, list[str]]] = {}
+    for part, src in sources.items():
+        if src is not None and part in src.adapter.parts:
+            taken.setdefault(src.dir, (src, []))[1].append(part)
+    out = {}
+    for d, (src, parts) in taken.items():
+        layout = src.adapter.parts
+        read = {n for part in parts for g in src.adapter.groups(mcfg, parts=[part]) for m in g.maps for n in m.hf}
+        if "vision" in parts:  # blocks after select_layer
+            prefix, style = layout["vision"]
+            for i in range(num_layers("vision", mcfg), mcfg.vision.num_layers):
+                read.update(n for m in mappings("vision", prefix, style, mcfg, i) for n in m.hf)
+        ours = tuple(layout[p][0] for p in parts)
+        others = tuple(layout[p][0] for p in layout if p not in parts)
+        unread = [n for n in src.reader.keys()
+                  if n not in read and (n.startswith(ours) or not (others and n.startswith(others)))]
+        if unread:
+            out[d] = sorted(unread)
+    return out
+
+
+def check_all_read(sources: dict[str, Source | None], mcfg) -> None:
+    for d, names in unread_tensors(sources, mcfg).items():
+        hint = ""
+        if mcfg.llm.tie_embeddings and any(n.endswith("lm_head.weight") for n in names):
+            hint = (" config.json ties the output layer to the embedding but the file has an lm_head: set "
+                    "tie_word_embeddings false if it is a trained output layer, or drop it from the file.")
+        raise CheckpointError(
+            f"{d}: {len(names)} tensor(s) would be left unread: {names[:5]}{' ...' if len(names) > 5 else ''}. "
+            "config.json does not describe them (e.g. a vision_config without qk_normalization is read as true, "
+            "as InternVL does; an explicit false with q/k norm weights in the file is a contradiction) or they belong "
+            f"to no part of the model; fix config.json so that every weight is used.{hint}"
+        )
+
+
 # ------------------------------------------------------------------------------------ output handling
 
 
@@ -217,6 +261,7 @@ def load_sources_into(model, sources: dict[str, Source | None], mcfg, tp_group, 
     """Fill this rank's shards from HF sources, one group at a time. `sources[part] = None`: keep init."""
     from engine.parallel.full_state import load_full_state
 
+    check_all_read(sources, mcfg)
     needs = _stage_needs(model)
     wanted = set(needs.values())
     filled: set[str] = set()
@@ -265,6 +310,7 @@ def plan_hf_to_mcore(sources: dict[str, Source | None], mcfg, tp: int, pg, max_p
     """
     from engine.checkpoint.mcore_io import build_meta_model
 
+    check_all_read(sources, mcfg)
     hf = HFRows(sources, mcfg)
     fresh = _fresh_tensors(mcfg, pg, sources)
     vocab = {n: (mcfg.llm.vocab_size, mcfg.llm.padded_vocab_size(tp)) for n in _VOCAB}
@@ -399,6 +445,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
 
 
 __all__ = [
-    "Source", "assemble_model_dict", "atomic_output_dir", "engine_config", "hf_to_mcore", "load_sources_into",
+    "Source", "assemble_model_dict", "atomic_output_dir", "check_all_read", "engine_config", "hf_to_mcore",
+    "load_sources_into", "unread_tensors",
     "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "refuse_overlap", "tokenizer_report",
 ]

@@ -85,6 +85,22 @@ def _error_of(fn) -> str:
     return "NO ERROR"
 
 
+def _long_parity(hf_dir: Path, n_tokens: int) -> dict:
+    """run_parity's comparison (TP=1, converted on the fly) on a text batch of n_tokens."""
+    from engine.checkpoint.convert import engine_config, load_sources_into, open_source
+    from engine.checkpoint.parity import compare, deterministic_batch, hf_logits, our_logits
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
+
+    src = open_source(hf_dir)
+    cfg = engine_config(src.model_dict)
+    pg = initialize(cfg.parallel, seed=cfg.train.seed)
+    model = build_for_this_stage(cfg, pg)
+    load_sources_into(model, {p: src for p in src.adapter.parts}, cfg.model, pg.tp)
+    batch = deterministic_batch(cfg.model, text_before=n_tokens // 2, text_after=n_tokens - n_tokens // 2)
+    return compare(our_logits(model, batch, pg, cfg.model.llm.vocab_size), hf_logits(src, cfg.model, batch))
+
+
 def single(root: Path) -> dict:
     from tiny_hf import make_internvl, make_qwen2, write_chat_layout
 
@@ -125,6 +141,33 @@ def single(root: Path) -> dict:
             batch = deterministic_batch(mcfg)
             res[f"from_pretrained/{name}"] = compare(hf_logits(exp, mcfg, batch), hf_logits(src, mcfg, batch))
     res["dtype/qwen_bf16"] = sorted({str(t.dtype) for t in tensors(root / "export" / "qwen_bf16").values()})
+
+    # A chat vision_config without qk_normalization is InternViT-6B's qk-normed block (InternVL's default):
+    # converted, it equals transformers on the original native checkpoint (explicit use_qk_norm=true).
+    import shutil
+
+    shutil.copytree(hf / "sky_tied", hf / "sky_nokey")
+    cfg = json.loads((hf / "sky_nokey" / "config.json").read_text())
+    del cfg["vision_config"]["qk_normalization"], cfg["vision_config"]["norm_type"]  # (its qkv_bias=true stays)
+    (hf / "sky_nokey" / "config.json").write_text(json.dumps(cfg))
+    res["parity/sky_nokey_vs_native_source"] = run_parity(hf / "nat_tied", mcore_ckpt=to_mcore("sky_nokey"))
+
+    # dynamic NTK RoPE (InternVL3's llm_config): plain RoPE below max_position_embeddings
+    from tiny_hf import make_qwen2 as _q
+
+    dyn = {"rope_type": "dynamic", "factor": 2.0}
+    _q(hf / "qwen_dyn", vocab=300, seed=7, rope_scaling=dyn)
+    mc = to_mcore("qwen_dyn")
+    res["parity/qwen_dyn/tp1"] = run_parity(hf / "qwen_dyn", mcore_ckpt=mc)
+    mcore_to_hf(mc, root / "export" / "qwen_dyn", "qwen2", show_progress=False)
+    res["roundtrip/qwen_dyn"] = bit_identical(hf / "qwen_dyn", root / "export" / "qwen_dyn")
+    res["rope/exported_parameters"] = json.loads((root / "export" / "qwen_dyn" / "config.json").read_text())["rope_parameters"]
+    # ... and why the engine stays below it: 400 tokens past max_position_embeddings=300, transformers rescales
+    # the base for dynamic NTK (logits differ) and extrapolates plain RoPE like ours without it
+    _q(hf / "qwen_dyn300", vocab=300, seed=7, max_pos=300, rope_scaling=dyn)
+    _q(hf / "qwen_plain300", vocab=300, seed=7, max_pos=300)
+    res["rope/dynamic_past_max_pos"] = _long_parity(hf / "qwen_dyn300", 400)
+    res["rope/plain_past_max_pos"] = _long_parity(hf / "qwen_plain300", 400)
 
     # select_layer=-2 of 3 blocks: the export keeps the 2 used blocks and reads the last (-1)
     cfg = json.loads((root / "export" / "nat_select" / "config.json").read_text())

@@ -63,6 +63,26 @@ def test_round_trip_is_bit_identical(single, case):
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
 
 
+def test_chat_vision_config_without_qk_normalization_is_read_as_internvl_reads_it(single):
+    # converted from a chat checkpoint whose vision_config leaves out qk_normalization and norm_type, compared
+    # with transformers on the original native checkpoint (explicit use_qk_norm=true, norm_type=rms_norm)
+    _assert_parity(single["parity/sky_nokey_vs_native_source"])
+
+
+def test_dynamic_ntk_rope_converts_and_exports(single):
+    _assert_parity(single["parity/qwen_dyn/tp1"])
+    r = single["roundtrip/qwen_dyn"]
+    assert r["same_keys"] and not r["differing"], r
+    assert single["rope/exported_parameters"] == {"rope_theta": 10000.0, "rope_type": "dynamic", "type": "dynamic",
+                                                  "factor": 2.0}
+
+
+def test_dynamic_ntk_differs_from_plain_rope_only_past_max_position_embeddings(single):
+    # why train.seq_length / rollout.max_model_len stay <= max_position_embeddings under rope_scaling=dynamic
+    _assert_parity(single["rope/plain_past_max_pos"])
+    assert single["rope/dynamic_past_max_pos"]["max_abs_logit_diff"] > 1e-3, single["rope/dynamic_past_max_pos"]
+
+
 def test_bf16_is_preserved(single):
     assert single["dtype/qwen_bf16"] == ["torch.bfloat16"]
 
