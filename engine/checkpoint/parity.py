@@ -107,23 +107,28 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
-def run_parity(hf_dir, tp: int = 1, pp: int = 1, mcore_ckpt=None, image_token_id: int | None = None) -> dict:
+def run_parity(hf_dir, tp: int = 1, pp: int = 1, mcore_ckpt=None, image_token_id: int | None = None,
+               model_dict: dict | None = None, load=None) -> dict:
     """Collective over TP x PP ranks: our model (converted on the fly from hf_dir, or loaded from a
-    converted dist checkpoint) vs transformers on one deterministic batch. Every rank gets the metrics."""
+    converted dist checkpoint) vs transformers on one deterministic batch. Every rank gets the metrics.
+
+    model_dict: build this model config instead of the source's / checkpoint's (e.g. another ViT padding).
+    load(model, mcore_ckpt, model_config): how to fill the model from mcore_ckpt (default: mcore_io.load_model).
+    """
     from engine.checkpoint.convert import engine_config, load_sources_into, open_source
     from engine.checkpoint.mcore_io import load_model, read_meta
     from engine.model.build import build_for_this_stage
     from engine.parallel.init import initialize
 
     src = open_source(hf_dir, image_token_id)
-    md = src.model_dict if mcore_ckpt is None else read_meta(mcore_ckpt)["model"]
+    md = model_dict or (src.model_dict if mcore_ckpt is None else read_meta(mcore_ckpt)["model"])
     cfg = engine_config(md, tp, pp)
     pg = initialize(cfg.parallel, seed=cfg.train.seed)
     model = build_for_this_stage(cfg, pg)
     if mcore_ckpt is None:
         load_sources_into(model, {p: src for p in src.adapter.parts}, cfg.model, pg.tp)
     else:
-        load_model(model, mcore_ckpt, cfg.model)
+        (load or load_model)(model, mcore_ckpt, cfg.model)
     batch = deterministic_batch(cfg.model)
     ours = our_logits(model, batch, pg, cfg.model.llm.vocab_size)
     result = [None]

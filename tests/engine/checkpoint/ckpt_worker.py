@@ -233,6 +233,8 @@ def single(root: Path) -> dict:
     res["lazy/small_pieces"] = {**same_stored(root / "mc" / "nat_gqa", root / "mc" / "nat_gqa_1k"),
                                 "pieces": rep["pieces"], "largest_piece_bytes": rep["largest_piece_bytes"]}
     res["lazy/stored_keys"] = len(stored(root / "mc" / "nat_gqa"))  # for scale
+    # nat_pad at TP=1: 3 ViT heads, no padding (read at TP=2, padded to 8, in `dist`)
+    to_mcore("nat_pad")
     # one process writes a TP=2 checkpoint (compared with the one 2 processes write, in `dist`)
     src = open_source(hf / "nat_tied")
     hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, root / "mc" / "nat_tied_tp2_1proc", tp=2, pp=1,
@@ -293,6 +295,14 @@ def dist_checks(root: Path) -> dict:
         res[f"parity/{name}/tp{tp}pp{pp}_written_and_read"] = run_parity(hf / name, tp=tp, pp=pp, mcore_ckpt=out)
         # written at one layout, read at the other
         res[f"parity/{name}/written_tp{tp}pp{pp}_read_tp{pp}pp{tp}"] = run_parity(hf / name, tp=pp, pp=tp, mcore_ckpt=out)
+    # ViT heads re-padded at load: a TP=1 conversion (3 heads, no padding) into TP=2 models (padded to 8),
+    # by the converter's loader and by the trainer's (train.init_from)
+    from engine.train import checkpointing as trainer_ckpt
+
+    res["parity/nat_pad/tp2_from_unpadded_tp1_ckpt"] = run_parity(hf / "nat_pad", tp=2, mcore_ckpt=root / "mc" / "nat_pad")
+    res["parity/nat_pad/tp2_init_from_unpadded_tp1_ckpt"] = run_parity(
+        hf / "nat_pad", tp=2, mcore_ckpt=root / "mc" / "nat_pad",
+        load=lambda model, ckpt, _: trainer_ckpt.load_model_only(ckpt, model))
     dist.barrier()
     if dist.get_rank() == 0:  # the same checkpoint, written by one process (in `single`) and by two here
         res["lazy/tp2_one_vs_two_processes"] = same_stored(root / "mc" / "nat_tied_tp2_1proc",
@@ -301,9 +311,31 @@ def dist_checks(root: Path) -> dict:
 
 
 def export_dist_written(root: Path) -> dict:
-    from engine.checkpoint.convert import mcore_to_hf
+    from engine.checkpoint.convert import engine_config, mcore_to_hf
+    from engine.checkpoint.mcore_io import load_model, read_meta, save_checkpoint
+    from engine.checkpoint.parity import run_parity
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
 
     res = {}
+    # ViT padding dropped at load: the TP=2 checkpoint (heads padded 3 -> 8) into a TP=1 model without padding
+    padded = root / "mc_dist" / "nat_pad_tp2pp1"
+    md = read_meta(padded)["model"]
+    res["vit_pad/written_padding"] = md["vision"]["padded_num_heads"]
+    unpadded = {**md, "vision": {**md["vision"], "padded_num_heads": 0}}
+    res["parity/nat_pad/tp1_unpadded_from_padded_tp2_ckpt"] = run_parity(root / "hf" / "nat_pad", mcore_ckpt=padded,
+                                                                         model_dict=unpadded)
+    # ... but padding heads that are not zero are not padding: refused, not cut off
+    cfg = engine_config(md)
+    model = build_for_this_stage(cfg, initialize(cfg.parallel))
+    load_model(model, padded, cfg.model)
+    with torch.no_grad():
+        model.vision.layers[0].attn.linear_qkv.weight[-1] = 1.0  # a row of the last (padding) head
+    save_checkpoint(model, cfg.model, root / "mc_bad_padding", step=0, tokenizer_path=None, tp=1, pp=1)
+    cfg0 = engine_config(unpadded)
+    model0 = build_for_this_stage(cfg0, initialize(cfg0.parallel))
+    res["error/nonzero_padding"] = _error_of(lambda: load_model(model0, root / "mc_bad_padding", cfg0.model))
+
     for ckpt, layout, source in (("nat_tied_tp2pp1", "internvl", "nat_tied"), ("chat_gqa_tp1pp2", "internvl_chat", "chat_gqa"),
                                  ("qwen_tied_tp1pp2", "qwen2", "qwen_tied"), ("nat_pad_tp2pp1", "internvl", "nat_pad")):
         out = root / "export_dist" / ckpt

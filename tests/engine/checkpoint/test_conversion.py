@@ -171,6 +171,8 @@ def test_damaged_checkpoints_are_clear_errors(single):
     "parity/chat_gqa/tp1pp2_written_and_read", "parity/chat_gqa/written_tp1pp2_read_tp2pp1",
     "parity/qwen_tied/tp1pp2_written_and_read", "parity/qwen_tied/written_tp1pp2_read_tp2pp1",
     "parity/nat_pad/tp2pp1_written_and_read", "parity/nat_pad/written_tp2pp1_read_tp1pp2",
+    # a TP=1 conversion has no ViT head padding; TP=2 needs it: re-padded at load (converter and trainer paths)
+    "parity/nat_pad/tp2_from_unpadded_tp1_ckpt", "parity/nat_pad/tp2_init_from_unpadded_tp1_ckpt",
 ])
 def test_tp2_pp2_match_transformers(dist, key):
     _assert_parity(dist[key])
@@ -195,3 +197,11 @@ def exported(root, dist) -> dict:
 def test_checkpoints_written_at_tp2_pp2_export_bit_identically(exported, ckpt):
     r = exported[ckpt]
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
+
+
+def test_vit_padding_is_dropped_at_load_only_when_it_is_padding(exported):
+    assert exported["vit_pad/written_padding"] == 8
+    _assert_parity(exported["parity/nat_pad/tp1_unpadded_from_padded_tp2_ckpt"])
+    msg = exported["error/nonzero_padding"]
+    assert msg.startswith("CheckpointError") and "padding heads of 'vision.layers.0.attn.linear_qkv.weight'" in msg
+    assert "are not zero" in msg
