@@ -200,7 +200,7 @@ class InternVLChatAdapter(Adapter):
         n_layers, feature_layer = hc.vision_select_layer(m)
         archs = list(base.get("architectures") or self.architectures)
         # the config class is ours (hf_remote_code); a model_type we have no class for becomes InternVL's
-        model_type = base.get("model_type") if base.get("model_type") in hf_remote_code.CONFIG_CLASSES else \
+        model_type = base.get("model_type") if base.get("model_type") in hf_remote_code.AUTO_MAP else \
             "skywork_chat" if archs[0] == "SkyworkR1VChatModel" else "internvl_chat"
         cfg = {
             "architectures": archs, "model_type": model_type,
@@ -211,12 +211,13 @@ class InternVLChatAdapter(Adapter):
             "use_backbone_lora": 0, "use_llm_lora": 0, "dtype": m.params_dtype, "torch_dtype": m.params_dtype,
         }
         out = self._finish(cfg, base)
-        # replaces the source's auto_map: its AutoModel entries name modeling files an export does not carry
-        out["auto_map"] = {"AutoConfig": hf_remote_code.CONFIG_CLASSES[model_type]}
+        # replaces the source's auto_map: it names the publisher's files; the export carries ours
+        out["auto_map"] = dict(hf_remote_code.AUTO_MAP[model_type])
         return out
 
     def extra_files(self, hf_cfg: dict) -> dict[str, bytes]:
-        """Our configuration classes, so that `trust_remote_code=True` loads the export offline (vLLM)."""
+        """Our configuration and modeling code, so that `trust_remote_code=True` loads the export offline
+        (AutoConfig / AutoModel in transformers; vLLM reads the configuration and brings its own model)."""
         return {name: (hf_remote_code.DIR / name).read_bytes() for name in hf_remote_code.FILES}
 
     def export_notes(self, out: Path, hf_cfg: dict) -> list[str]:

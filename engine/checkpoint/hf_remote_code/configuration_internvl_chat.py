@@ -1,8 +1,9 @@
 """InternVL-chat configuration: an InternViT encoder, an MLP connector (`mlp1`) and an LLM.
 
 Written by vlm-reason-engine's `mcore-to-hf --layout internvl_chat` so that the checkpoint loads
-offline with `trust_remote_code=True`; configuration only (vLLM's `InternVLChatModel` is the model).
-The LLM config is any transformers config, chosen by its `model_type` (else its architecture).
+offline with `trust_remote_code=True` (the model is in modeling_internvl_chat.py; vLLM brings its own).
+Fields and defaults are those of InternVL's InternVLChatConfig. The LLM config is any transformers
+config, chosen by its `model_type` (else its architecture).
 """
 
 from transformers import AutoConfig, PretrainedConfig

@@ -101,6 +101,29 @@ def _long_parity(hf_dir: Path, n_tokens: int) -> dict:
     return compare(our_logits(model, batch, pg, cfg.model.llm.vocab_size), hf_logits(src, cfg.model, batch))
 
 
+def _remote_class(export: Path) -> str:
+    from transformers import AutoModel
+
+    return type(AutoModel.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)).__name__
+
+
+def _generate_both(chat_export: Path, native_dir: Path, n: int = 5) -> dict:
+    """Greedy tokens of the chat export's own generate() and of transformers' native InternVL, same weights."""
+    from transformers import AutoModel, InternVLForConditionalGeneration
+
+    from engine.checkpoint.convert import engine_config, open_source
+    from engine.checkpoint.parity import deterministic_batch
+
+    batch = deterministic_batch(engine_config(open_source(native_dir).model_dict).model)
+    kw = dict(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]),
+              pixel_values=batch["pixel_values"].float(), max_new_tokens=n, do_sample=False)
+    remote = AutoModel.from_pretrained(chat_export, trust_remote_code=True, dtype=torch.float32).eval()
+    native = InternVLForConditionalGeneration.from_pretrained(native_dir, dtype=torch.float32).eval()
+    ours = remote.generate(**kw)  # the new tokens
+    ref = native.generate(**kw)[:, batch["tokens"].shape[1]:]
+    return {"remote_code": ours.tolist(), "transformers": ref.tolist()}
+
+
 def single(root: Path) -> dict:
     from tiny_hf import make_internvl, make_qwen2, write_chat_layout
 
@@ -184,6 +207,15 @@ def single(root: Path) -> dict:
     res["cross/vlm_llm_to_qwen2"] = bit_identical(
         hf / "nat_gqa", root / "export" / "llm_only", only_prefix="language_model.",
         rename=lambda k: k[len("language_model."):])
+
+    # the chat export's own modeling code (AutoModel, trust_remote_code) against our megatron model
+    mcore_to_hf(root / "mc" / "nat_select", root / "export" / "select_as_chat", "internvl_chat", show_progress=False)
+    for name, export, ckpt in (("chat_gqa", "chat_gqa", "chat_gqa"), ("sky_tied", "sky_tied", "sky_tied"),
+                               ("native_as_chat", "native_as_chat", "nat_tied"), ("select", "select_as_chat", "nat_select")):
+        res[f"remote_code/{name}"] = run_parity(root / "export" / export, mcore_ckpt=root / "mc" / ckpt,
+                                                reference="remote_code")
+    res["remote_code/class"] = _remote_class(root / "export" / "sky_tied")
+    res["remote_code/generate"] = _generate_both(root / "export" / "chat_gqa", hf / "nat_gqa")
 
     # re-assembly: vision from an InternViT-only checkpoint (nat_gqa's encoder, exported as one), connector
     # from nat_gqa, LLM from qwen_a (another tokenizer and vocab)
@@ -335,6 +367,11 @@ def export_dist_written(root: Path) -> dict:
     cfg0 = engine_config(unpadded)
     model0 = build_for_this_stage(cfg0, initialize(cfg0.parallel))
     res["error/nonzero_padding"] = _error_of(lambda: load_model(model0, root / "mc_bad_padding", cfg0.model))
+
+    # the chat export of the TP=2-written, head-padded checkpoint through its own modeling code
+    mcore_to_hf(padded, root / "export_dist" / "nat_pad_chat", "internvl_chat", show_progress=False)
+    res["remote_code/nat_pad_tp2"] = run_parity(root / "export_dist" / "nat_pad_chat", mcore_ckpt=padded,
+                                                reference="remote_code")
 
     for ckpt, layout, source in (("nat_tied_tp2pp1", "internvl", "nat_tied"), ("chat_gqa_tp1pp2", "internvl_chat", "chat_gqa"),
                                  ("qwen_tied_tp1pp2", "qwen2", "qwen_tied"), ("nat_pad_tp2pp1", "internvl", "nat_pad")):

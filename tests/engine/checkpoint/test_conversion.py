@@ -31,9 +31,14 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ckpt")
 
 
+def _offline(root: Path) -> dict:
+    """Remote code (the chat exports' modeling files) is copied into a module cache of the test's own."""
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "hf_modules")}
+
+
 @pytest.fixture(scope="module")
 def single(root) -> dict:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port()), **_offline(root)}
     proc = subprocess.run([sys.executable, str(WORKER), "single", str(root)], cwd=REPO, capture_output=True,
                           text=True, timeout=240, env={**os.environ, **env})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -103,6 +108,20 @@ def test_select_layer_export_is_truncated_encoder(single):
 def test_cross_layout_exports_are_bit_identical(single, key):
     r = single[key]
     assert r["same_keys"] and not r["differing"], r
+
+
+@pytest.mark.parametrize("case", ["chat_gqa", "sky_tied", "native_as_chat", "select"])
+def test_chat_export_loads_with_automodel_and_its_logits_equal_ours(single, case):
+    # AutoModel.from_pretrained(export, trust_remote_code=True) runs the modeling code the export carries
+    r = single[f"remote_code/{case}"]
+    _assert_parity(r)
+    assert r["reference"] == "remote_code" and r["layout"] == "internvl_chat"
+
+
+def test_chat_export_model_classes_and_generate(single):
+    assert single["remote_code/class"] == "SkyworkR1VChatModel"
+    g = single["remote_code/generate"]
+    assert g["remote_code"] == g["transformers"] and len(g["remote_code"][0]) == 5, g
 
 
 def test_native_exported_as_chat_layout_matches_transformers(single):
@@ -186,7 +205,7 @@ def test_one_process_writes_the_tp2_checkpoint_two_processes_write(dist):
 
 @pytest.fixture(scope="module")
 def exported(root, dist) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **_offline(root)}
     proc = subprocess.run([sys.executable, str(WORKER), "export", str(root)], cwd=REPO, capture_output=True,
                           text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -197,6 +216,10 @@ def exported(root, dist) -> dict:
 def test_checkpoints_written_at_tp2_pp2_export_bit_identically(exported, ckpt):
     r = exported[ckpt]
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
+
+
+def test_chat_export_of_a_head_padded_tp2_checkpoint_runs_through_its_own_code(exported):
+    _assert_parity(exported["remote_code/nat_pad_tp2"])
 
 
 def test_vit_padding_is_dropped_at_load_only_when_it_is_padding(exported):
