@@ -182,6 +182,25 @@ def check_all_read(sources: dict[str, Source | None], mcfg) -> None:
         )
 
 
+def recipe_differences(src: Source, recipe_model) -> list[str]:
+    """The model fields a recipe sets otherwise than the HF checkpoint it would train (`check-recipe`).
+
+    Only the parts the checkpoint holds are compared (an LLM-only checkpoint checks model.llm.*); fields that
+    are not architecture (freeze, params_dtype, transformer_impl, padded_num_heads) are skipped.
+    """
+    from engine.checkpoint.mcore_io import FREE_FIELDS
+    from engine.config.base import from_dict, to_dict
+    from engine.config.model import ModelConfig
+
+    hf, ours = to_dict(from_dict(ModelConfig, src.model_dict)), to_dict(recipe_model)
+    parts = [p for p in ("vision", "projector", "llm") if p in src.adapter.parts]
+    pairs = [(f"model.{p}.{k}", v, ours[p].get(k)) for p in parts for k, v in hf[p].items()]
+    if len(parts) == 3:  # a whole VLM: its image token too
+        pairs.append(("model.image_token_id", hf["image_token_id"], ours["image_token_id"]))
+    return [f"{key}: checkpoint {a!r}, recipe {b!r}" for key, a, b in pairs
+            if key.split(".")[-1] not in FREE_FIELDS and a != b]
+
+
 # ------------------------------------------------------------------------------------ output handling
 
 
@@ -446,6 +465,6 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
 
 __all__ = [
     "Source", "assemble_model_dict", "atomic_output_dir", "check_all_read", "engine_config", "hf_to_mcore",
-    "load_sources_into", "unread_tensors",
+    "load_sources_into", "recipe_differences", "unread_tensors",
     "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "refuse_overlap", "tokenizer_report",
 ]

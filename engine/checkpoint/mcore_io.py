@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 _VOCAB = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
 # Fields that may differ between the writer and the reader of a checkpoint (not architecture).
 # padded_num_heads: extra all-zero ViT heads for a TP size; a checkpoint loads with any padding (vit_padding).
-_FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype", "padded_num_heads"}
+FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype", "padded_num_heads"}
 
 
 def write_meta(ckpt_dir: Path, mcfg: ModelConfig, *, step: int, tokenizer_path: str | None, tp: int, pp: int,
@@ -94,7 +94,7 @@ def _flat(d: dict, pre: str = "") -> dict:
 def config_differences(saved: ModelConfig, ours: ModelConfig) -> list[str]:
     a, b = _flat(to_dict(saved)), _flat(to_dict(ours))
     return [f"model.{k}: checkpoint {a[k]!r}, config {b.get(k)!r}" for k in sorted(a)
-            if k.split(".")[-1] not in _FREE_FIELDS and a[k] != b.get(k)]
+            if k.split(".")[-1] not in FREE_FIELDS and a[k] != b.get(k)]
 
 
 def save_model(model, ckpt_dir: str | Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint.convert import open_source  # engine before transformers: its kernels set up Triton first
 from tests.helpers.torchrun import REPO, free_port, torchrun
 
 pytestmark = pytest.mark.slow
@@ -141,3 +142,33 @@ def test_no_direction_writes_over_its_own_input(hf, converted):
         assert match in proc.stderr and "outside every input" in proc.stderr, (name, proc.stderr[-2000:])
     assert _listing(converted) == ckpt_before and _listing(hf["nat"]) == hf_before
     assert not (hf["root"] / "mc.partial").exists() and not list(hf["root"].glob("*.replaced"))
+
+
+def _recipe(path: Path, model: dict) -> Path:
+    """A valid recipe: the tiny CPU SFT recipe with the given model section on top."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"base": str(REPO / "recipes" / "tiny_cpu_sft.yaml"), "model": model,
+                                    "data": {"tile_size": 56, "max_tiles": 1},
+                                    "train": {"seq_length": 512}}))
+    return path
+
+
+def test_check_recipe_lists_the_model_fields_a_recipe_gets_wrong(hf):
+    md = open_source(hf["nat"]).model_dict  # what hf-to-mcore makes of the checkpoint's config.json
+    same = _recipe(hf["root"] / "same.yaml", md)
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["nat"], "--config", same)
+    assert proc.returncode == 0 and "OK:" in proc.stderr, proc.stderr[-2000:]
+    wrong = _recipe(hf["root"] / "wrong.yaml", {**md, "llm": {**md["llm"], "norm_eps": 1e-5, "max_position_embeddings": 1024},
+                                                "vision": {**md["vision"], "qk_norm": True}})
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["nat"], "--config", wrong, "model.llm.rope_theta=5e5")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "model.vision.qk_norm: checkpoint False, recipe True",
+        "model.llm.rope_theta: checkpoint 10000.0, recipe 500000.0",
+        "model.llm.max_position_embeddings: checkpoint 512, recipe 1024",
+        "model.llm.norm_eps: checkpoint 1e-06, recipe 1e-05",
+    ], proc.stdout
+    # an LLM-only checkpoint checks the LLM fields alone (the recipe's vision encoder is not its business)
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["qwen"], "--config", wrong)
+    assert proc.returncode == 1 and all(line.startswith("model.llm.") for line in proc.stdout.splitlines()), proc.stdout
