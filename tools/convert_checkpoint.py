@@ -94,7 +94,8 @@ def parse(argv=None) -> argparse.Namespace:
     _mcore_args(p)
     _common(p)
     p = sub.add_parser("check-recipe", help="compare a recipe's model fields with a HF checkpoint's config.json")
-    p.add_argument("--hf-dir", required=True, help="the HF checkpoint the recipe trains (any layout; LLM-only: llm fields)")
+    p.add_argument("--hf-dir", required=True,
+                   help="the HF checkpoint the recipe trains (any layout; an LLM-only one: the llm fields)")
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("--image-token-id", type=int, default=None, help="id of <IMG_CONTEXT> when config/tokenizer lack it")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")

@@ -209,6 +209,7 @@ def vision_select_layer(m: ModelConfig) -> tuple[int, int]:
 
 __all__ = [
     "INTERNVL_CHAT_DEFAULTS", "INTERNVL_DEFAULTS", "INTERNVL_VISION_DEFAULTS", "INTERN_VIT_DEFAULTS", "QWEN2_DEFAULTS",
-    "with_defaults", "hf_dtype", "llm_from_hf", "llm_to_hf", "vision_from_chat", "vision_from_native", "vision_select_layer",
+    "with_defaults", "hf_dtype", "llm_from_hf", "llm_to_hf", "vision_from_chat", "vision_from_native",
+    "vision_select_layer",
     "vision_to_chat", "vision_to_native", "_select_from_hf", "_need",
 ]

@@ -85,7 +85,8 @@ class InternVLChatModel(PreTrainedModel):
         if self.select_layer == -1:
             feats = self.vision_model(pixel_values=pixel_values).last_hidden_state
         else:  # hidden_states[0] is the embeddings, [i] block i's output
-            feats = self.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+            out = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+            feats = out.hidden_states[self.select_layer]
         feats = feats[:, 1:]  # drop the class token: (tiles, h*w, C)
         side = int(feats.shape[1] ** 0.5)
         feats = pixel_shuffle(feats.reshape(feats.shape[0], side, side, -1), self.downsample_ratio, self.ps_version)
@@ -97,7 +98,8 @@ class InternVLChatModel(PreTrainedModel):
         if pixel_values is None:
             return embeds
         if self.img_context_token_id is None:
-            raise ValueError("img_context_token_id is not set: give it in config.json or set model.img_context_token_id")
+            raise ValueError("img_context_token_id is not set: give it in config.json or set "
+                             "model.img_context_token_id")
         feats = self.extract_feature(pixel_values)
         if image_flags is not None:  # tiles flagged 0 are padding tiles of a batch
             feats = feats[image_flags.reshape(-1) == 1]
@@ -122,7 +124,8 @@ class InternVLChatModel(PreTrainedModel):
         loss = None
         if labels is not None:  # next-token cross entropy, -100 ignored
             logits = out.logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device))
+            targets = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
         result = CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict is not False else result.to_tuple()
