@@ -2,6 +2,7 @@
 
     python tools/check_hf_parity.py --hf-dir D [--json]
     torchrun --nproc_per_node=4 tools/check_hf_parity.py --hf-dir D --tp 2 --pp 2 [--mcore-ckpt O]
+    python tools/check_hf_parity.py --hf-dir EXPORT --mcore-ckpt O --reference remote-code   # chat export's own code
 
 Builds our model at TP x PP and fills it from D (converted on the fly) or from a converted dist
 checkpoint (--mcore-ckpt), runs it and the transformers model on the same deterministic image+text
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mcore-ckpt", default=None, help="load our model from this converted dist checkpoint")
     ap.add_argument("--image-token-id", type=int, default=None)
     ap.add_argument("--tol", type=float, default=DEFAULT_TOL, help="max |delta logit| accepted")
+    ap.add_argument("--reference", choices=["transformers", "remote-code"], default="transformers",
+                    help="transformers' own classes (default), or an internvl_chat export's modeling code "
+                         "(AutoModel with trust_remote_code)")
     ap.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = ap.parse_args(argv)
 
@@ -38,7 +42,8 @@ def main(argv=None) -> int:
     from engine.checkpoint.parity import run_parity
 
     try:
-        r = run_parity(args.hf_dir, args.tp, args.pp, args.mcore_ckpt, args.image_token_id)
+        r = run_parity(args.hf_dir, args.tp, args.pp, args.mcore_ckpt, args.image_token_id,
+                       reference=args.reference.replace("-", "_"))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{args.hf_dir} [{r['layout']}] TP={args.tp} PP={args.pp} from {r['source']}: "
+            print(f"{args.hf_dir} [{r['layout']}] TP={args.tp} PP={args.pp} from {r['source']} vs {r['reference']}: "
                   f"max |dlogit| {r['max_abs_logit_diff']:.3e}  mean KL {r['mean_kl']:.3e}  "
                   f"greedy agreement {r['greedy_agreement']:.4f}  -> {'PASS' if ok else 'FAIL'} (tol {args.tol:g})")
     return 0 if ok else 1

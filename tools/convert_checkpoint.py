@@ -8,6 +8,8 @@
     python tools/convert_checkpoint.py mcore-to-hf --ckpt O --out D --layout {internvl,internvl_chat,qwen2}
     # vision from A, connector from B (or `init`), LLM from C -> dist checkpoint
     python tools/convert_checkpoint.py assemble --vision A --connector B --llm C --out O
+    # does a recipe's model.* describe this HF checkpoint? (lists the differing fields, exit 1)
+    python tools/convert_checkpoint.py check-recipe --hf-dir D --config recipes/r1v_grpo.yaml [key=value ...]
 
 Outputs are written to `<out>.partial` and renamed when complete; a non-empty output is replaced only
 with --force. `--report-memory` prints, as JSON, the resident memory after the imports (baseline) and
@@ -91,7 +93,30 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--llm", required=True, help="Qwen2 or InternVL checkpoint whose LLM to take")
     _mcore_args(p)
     _common(p)
+    p = sub.add_parser("check-recipe", help="compare a recipe's model fields with a HF checkpoint's config.json")
+    p.add_argument("--hf-dir", required=True,
+                   help="the HF checkpoint the recipe trains (any layout; an LLM-only one: the llm fields)")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--image-token-id", type=int, default=None, help="id of <IMG_CONTEXT> when config/tokenizer lack it")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the recipe")
     return ap.parse_args(argv)
+
+
+def check_recipe(args) -> int:
+    from engine.checkpoint import convert
+    from engine.config import ConfigError, load_config
+
+    try:
+        recipe = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    diffs = convert.recipe_differences(convert.open_source(args.hf_dir, args.image_token_id), recipe.model)
+    for line in diffs:
+        print(line)
+    what = f"{args.config}'s model fields and {args.hf_dir}/config.json"
+    print(f"{what}: {len(diffs)} difference(s)" if diffs else f"OK: {what} agree", file=sys.stderr)
+    return 1 if diffs else 0
 
 
 def main(argv=None) -> int:
@@ -100,9 +125,9 @@ def main(argv=None) -> int:
     from engine.checkpoint import convert
     from engine.checkpoint.hf_io import CheckpointError
 
-    show = not args.no_progress
+    show = not getattr(args, "no_progress", True)
     unmap_freed_tensors()
-    if args.report_memory:  # imported up front so the baseline below includes the libraries
+    if getattr(args, "report_memory", False):  # imported up front so the baseline below includes the libraries
         import megatron.core.dist_checkpointing  # noqa: F401
         import torch.distributed.checkpoint  # noqa: F401
         import tqdm  # noqa: F401
@@ -110,8 +135,10 @@ def main(argv=None) -> int:
         import engine.model.build  # noqa: F401
         import engine.parallel.init  # noqa: F401
     baseline = current_rss_bytes()
-    peak_was_reset = args.report_memory and reset_peak_rss()
+    peak_was_reset = getattr(args, "report_memory", False) and reset_peak_rss()
     try:
+        if args.cmd == "check-recipe":
+            return check_recipe(args)
         if args.cmd == "hf-to-mcore":
             src = convert.open_source(args.hf_dir, args.image_token_id)
             if src.adapter.name == "internvit":

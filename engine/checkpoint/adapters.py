@@ -122,15 +122,17 @@ class InternVLAdapter(Adapter):
 
     def model_dict(self, c: dict, hf_dir: Path) -> dict:
         where = f"{hf_dir}/config.json"
-        hc._need(c.get("vision_feature_select_strategy", "default") == "default", where,
+        c = hc.with_defaults(c, hc.INTERNVL_DEFAULTS)
+        hc._need(c["vision_feature_select_strategy"] == "default", where,
                  "vision_feature_select_strategy must be 'default' (CLS dropped)")
-        hc._need(c.get("projector_hidden_act", "gelu") == "gelu", where, "projector_hidden_act must be gelu")
+        hc._need(c["projector_hidden_act"] == "gelu", where, "projector_hidden_act must be gelu")
         text = c["text_config"]
         llm = hc.llm_from_hf(text, where + " text_config")
-        llm["tie_embeddings"] = bool(c.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+        # transformers' InternVLConfig decides the tying itself (default: tied), whatever text_config says
+        llm["tie_embeddings"] = bool(c["tie_word_embeddings"])
         vision = hc.vision_from_native(c["vision_config"], where + " vision_config")
-        vision["select_layer"] = hc._select_from_hf(c.get("vision_feature_layer", -1), where)
-        return {"vision": vision, "projector": _projector(c.get("downsample_ratio", 0.5)), "llm": llm,
+        vision["select_layer"] = hc._select_from_hf(c["vision_feature_layer"], where)
+        return {"vision": vision, "projector": _projector(c["downsample_ratio"]), "llm": llm,
                 "image_token_id": c["image_token_id"], "params_dtype": hc.hf_dtype(c) or "float32"}
 
     def config_to_hf(self, m: ModelConfig, base: dict | None = None) -> dict:
@@ -154,15 +156,29 @@ class InternVLChatAdapter(Adapter):
     parts = {"vision": ("vision_model.", "chat"), "projector": ("mlp1.", "chat"), "llm": ("language_model.", "hf")}
 
     def model_dict(self, c: dict, hf_dir: Path) -> dict:
+        """config.json read as InternVLChatConfig / SkyworkChatConfig read it (hf_config.INTERNVL_CHAT_DEFAULTS)."""
         where = f"{hf_dir}/config.json"
-        hc._need(c.get("ps_version", "v2") == "v2", where, f"ps_version={c.get('ps_version')!r}; only v2 pixel shuffle is supported")
+        c = hc.with_defaults(c, hc.INTERNVL_CHAT_DEFAULTS)
+        hc._need(c["ps_version"] == "v2", where, f"ps_version={c['ps_version']!r} (InternVL's default is v1 when the "
+                                                 "key is missing); only v2 pixel shuffle is supported")
+        for key in ("use_backbone_lora", "use_llm_lora"):
+            hc._need(not c[key], where, f"{key}={c[key]}: the weights are LoRA-wrapped; merge the LoRA weights into "
+                                        "the base model and save it without LoRA first")
         llm_c = c["llm_config"]
-        archs = llm_c.get("architectures") or ["Qwen2ForCausalLM"]
+        archs = llm_c.get("architectures")
+        hc._need(bool(archs), where, "llm_config has no architectures (InternVLChatConfig needs it to choose the "
+                                     "LLM class); add \"architectures\": [\"Qwen2ForCausalLM\"]")
         hc._need(archs[0] == "Qwen2ForCausalLM", where, f"llm_config architecture {archs[0]} is not supported (Qwen2 only)")
         llm = hc.llm_from_hf(llm_c, where + " llm_config")
-        llm["tie_embeddings"] = bool(llm_c.get("tie_word_embeddings", False))
+        llm["tie_embeddings"] = bool(llm_c.get("tie_word_embeddings", hc.QWEN2_DEFAULTS["tie_word_embeddings"]))
         vision = hc.vision_from_chat(c["vision_config"], where + " vision_config")
-        vision["select_layer"] = hc._select_from_hf(c.get("select_layer", -1), where)
+        forced = c["force_image_size"]
+        # InternVLChatModel sizes its tiles by force_image_size and bicubic-resizes the ViT's position table to
+        # it; our encoder's table is the checkpoint's, for its own image_size
+        hc._need(not forced or forced == vision["image_size"], where,
+                 f"force_image_size={forced} differs from vision_config.image_size={vision['image_size']}; not "
+                 "supported (the position embeddings would be resized at every forward)")
+        vision["select_layer"] = hc._select_from_hf(c["select_layer"], where)
         image_token_id = c.get("img_context_token_id")
         if image_token_id is None:
             image_token_id = _tokenizer_token_id(hf_dir, IMG_CONTEXT)
@@ -172,7 +188,7 @@ class InternVLChatAdapter(Adapter):
                 "tokenizer files do not declare the token; pass --image-token-id"
             )
         dtype = hc.hf_dtype(c) or hc.hf_dtype(llm_c) or "float32"
-        return {"vision": vision, "projector": _projector(c.get("downsample_ratio", 0.5)), "llm": llm,
+        return {"vision": vision, "projector": _projector(c["downsample_ratio"]), "llm": llm,
                 "image_token_id": int(image_token_id), "params_dtype": dtype}
 
     # Image tiling, which our model does not hold: the source checkpoint's values win, else InternVL2.5's.
@@ -184,7 +200,7 @@ class InternVLChatAdapter(Adapter):
         n_layers, feature_layer = hc.vision_select_layer(m)
         archs = list(base.get("architectures") or self.architectures)
         # the config class is ours (hf_remote_code); a model_type we have no class for becomes InternVL's
-        model_type = base.get("model_type") if base.get("model_type") in hf_remote_code.CONFIG_CLASSES else \
+        model_type = base.get("model_type") if base.get("model_type") in hf_remote_code.AUTO_MAP else \
             "skywork_chat" if archs[0] == "SkyworkR1VChatModel" else "internvl_chat"
         cfg = {
             "architectures": archs, "model_type": model_type,
@@ -195,12 +211,13 @@ class InternVLChatAdapter(Adapter):
             "use_backbone_lora": 0, "use_llm_lora": 0, "dtype": m.params_dtype, "torch_dtype": m.params_dtype,
         }
         out = self._finish(cfg, base)
-        # replaces the source's auto_map: its AutoModel entries name modeling files an export does not carry
-        out["auto_map"] = {"AutoConfig": hf_remote_code.CONFIG_CLASSES[model_type]}
+        # replaces the source's auto_map: it names the publisher's files; the export carries ours
+        out["auto_map"] = dict(hf_remote_code.AUTO_MAP[model_type])
         return out
 
     def extra_files(self, hf_cfg: dict) -> dict[str, bytes]:
-        """Our configuration classes, so that `trust_remote_code=True` loads the export offline (vLLM)."""
+        """Our configuration and modeling code, so that `trust_remote_code=True` loads the export offline
+        (AutoConfig / AutoModel in transformers; vLLM reads the configuration and brings its own model)."""
         return {name: (hf_remote_code.DIR / name).read_bytes() for name in hf_remote_code.FILES}
 
     def export_notes(self, out: Path, hf_cfg: dict) -> list[str]:

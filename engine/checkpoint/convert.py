@@ -12,10 +12,8 @@ half-written checkpoint under the requested name.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -25,42 +23,17 @@ import torch.distributed as dist
 
 from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, _tokenizer_token_id, check_model_dict, detect_layout
 from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
+from engine.checkpoint.conversion_config import engine_config
 from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
 from engine.checkpoint.hf_rows import HFRows
+from engine.checkpoint.keymap import mappings, num_layers
 from engine.checkpoint.lazy_save import MAX_PIECE_BYTES, build_layout
 from engine.checkpoint.lazy_save import save as save_pieces
 from engine.checkpoint.mcore_io import _VOCAB, GroupReader, read_meta, write_meta
-from engine.config.base import ConfigError, from_dict, validate_tree
+from engine.config.base import ConfigError
 from engine.model.transformer_configs import torch_dtype
 
 TOKENIZER_SUBDIR = "hf_files"  # tokenizer / processor / generation files kept with a dist checkpoint
-
-
-def engine_config(model_dict: dict, tp: int = 1, pp: int = 1):
-    """A full, validated engine Config around a model config, for building models to convert/check."""
-    from engine.config import Config
-
-    md = copy.deepcopy(model_dict)
-    # Conversion uses megatron's local spec: its parameter names are the keymap's. The dist checkpoint
-    # keys are the same under Transformer Engine (megatron maps local norms to TE's fused names).
-    md["transformer_impl"] = "local"
-    vision = md.get("vision")
-    if vision and not vision.get("padded_num_heads") and vision.get("num_attention_heads", 1) % tp:
-        # e.g. InternViT-6B's 25 heads at TP=8: add all-zero heads up to a multiple of lcm(tp, 8) (= 32),
-        # so the checkpoint also loads at TP = 1, 2, 4, 8; exports drop them again.
-        step = math.lcm(tp, 8)
-        vision["padded_num_heads"] = -(-vision["num_attention_heads"] // step) * step
-    max_pos = md.get("llm", {}).get("max_position_embeddings", 32768)
-    image_size = md.get("vision", {}).get("image_size", 448)
-    data = {"model": md, "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-            "data": {"tile_size": image_size, "max_tiles": 1, "thumbnail": False},
-            "train": {"seq_length": max_pos}}
-    try:
-        cfg = from_dict(Config, data)
-        validate_tree(cfg)
-    except ConfigError as e:
-        raise CheckpointError(f"the converted model config is not valid here: {e}") from None
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -166,7 +139,102 @@ def _check_connector_fits(connector: Source, md: dict) -> None:
         )
 
 
+def unread_tensors(sources: dict[str, Source | None], mcfg) -> dict[Path, list[str]]:
+    """Per source directory, the HF tensors of the parts taken from it that no mapping reads.
+
+    A checkpoint is converted whole: a tensor nothing reads means config.json describes another model than the
+    weights (a vision_config that leaves out qk_normalization while the file has q/k norms, a tied config with
+    an lm_head) or the file holds something we do not model. Exempt: the encoder blocks after select_layer (not
+    built, documented) and, for a source only some parts are taken from (`assemble`), the other parts' tensors.
+    """
+    taken: dict[Path, tuple[Source, list[str]]] = {}
+    for part, src in sources.items():
+        if src is not None and part in src.adapter.parts:
+            taken.setdefault(src.dir, (src, []))[1].append(part)
+    out = {}
+    for d, (src, parts) in taken.items():
+        layout = src.adapter.parts
+        read = {n for part in parts for g in src.adapter.groups(mcfg, parts=[part]) for m in g.maps for n in m.hf}
+        if "vision" in parts:  # blocks after select_layer
+            prefix, style = layout["vision"]
+            for i in range(num_layers("vision", mcfg), mcfg.vision.num_layers):
+                read.update(n for m in mappings("vision", prefix, style, mcfg, i) for n in m.hf)
+        ours = tuple(layout[p][0] for p in parts)
+        others = tuple(layout[p][0] for p in layout if p not in parts)
+        unread = [n for n in src.reader.keys()
+                  if n not in read and (n.startswith(ours) or not (others and n.startswith(others)))]
+        if unread:
+            out[d] = sorted(unread)
+    return out
+
+
+def check_all_read(sources: dict[str, Source | None], mcfg) -> None:
+    for d, names in unread_tensors(sources, mcfg).items():
+        hint = ""
+        if mcfg.llm.tie_embeddings and any(n.endswith("lm_head.weight") for n in names):
+            hint = (" config.json ties the output layer to the embedding but the file has an lm_head: set "
+                    "tie_word_embeddings false if it is a trained output layer, or drop it from the file.")
+        raise CheckpointError(
+            f"{d}: {len(names)} tensor(s) would be left unread: {names[:5]}{' ...' if len(names) > 5 else ''}. "
+            "config.json does not describe them (e.g. a vision_config without qk_normalization is read as true, "
+            "as InternVL does; an explicit false with q/k norm weights in the file is a contradiction) or they belong "
+            f"to no part of the model; fix config.json so that every weight is used.{hint}"
+        )
+
+
+def recipe_differences(src: Source, recipe_model) -> list[str]:
+    """The model fields a recipe sets otherwise than the HF checkpoint it would train (`check-recipe`).
+
+    Only the parts the checkpoint holds are compared (an LLM-only checkpoint checks model.llm.*); fields that
+    are not architecture (freeze, params_dtype, transformer_impl, padded_num_heads) are skipped.
+    """
+    from engine.checkpoint.mcore_io import FREE_FIELDS
+    from engine.config.base import from_dict, to_dict
+    from engine.config.model import ModelConfig
+
+    hf, ours = to_dict(from_dict(ModelConfig, src.model_dict)), to_dict(recipe_model)
+    parts = [p for p in ("vision", "projector", "llm") if p in src.adapter.parts]
+    pairs = [(f"model.{p}.{k}", v, ours[p].get(k)) for p in parts for k, v in hf[p].items()]
+    if len(parts) == 3:  # a whole VLM: its image token too
+        pairs.append(("model.image_token_id", hf["image_token_id"], ours["image_token_id"]))
+    return [f"{key}: checkpoint {a!r}, recipe {b!r}" for key, a, b in pairs
+            if key.split(".")[-1] not in FREE_FIELDS and a != b]
+
+
 # ------------------------------------------------------------------------------------ output handling
+
+
+def refuse_overlap(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (symlinks resolved).
+
+    The output is replaced at the end (with --force) and its `<out>.partial` / `<out>.replaced` siblings are
+    removed while writing, so an overlap would delete what the command is still reading: `mcore-to-hf --out
+    <its --ckpt> --force` used to replace its own source. `inputs`: role (for the message) -> path.
+    """
+    out = Path(out)
+    written = {out: "is", out.parent / f"{out.name}.partial": "stages in",
+               out.parent / f"{out.name}.replaced": "swaps through"}
+    for role, path in inputs.items():
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        for target, verb in written.items():
+            dst = target.resolve()
+            if src == dst:
+                how = f"{verb} the {role} {path}"
+            elif src.is_relative_to(dst):
+                how = f"{verb} {dst}, which contains the {role} {path}"
+            elif dst.is_relative_to(src):
+                how = f"{verb} {dst}, inside the {role} {path}"
+            else:
+                continue
+            if str(src) != str(path):
+                how += f" (= {src})"
+            raise CheckpointError(
+                f"--out {out} {how}: writing it would delete what this command reads; choose an output directory "
+                "outside every input"
+            )
+
 
 
 def _progress(items, desc: str, show: bool):
@@ -212,6 +280,7 @@ def load_sources_into(model, sources: dict[str, Source | None], mcfg, tp_group, 
     """Fill this rank's shards from HF sources, one group at a time. `sources[part] = None`: keep init."""
     from engine.parallel.full_state import load_full_state
 
+    check_all_read(sources, mcfg)
     needs = _stage_needs(model)
     wanted = set(needs.values())
     filled: set[str] = set()
@@ -260,6 +329,7 @@ def plan_hf_to_mcore(sources: dict[str, Source | None], mcfg, tp: int, pg, max_p
     """
     from engine.checkpoint.mcore_io import build_meta_model
 
+    check_all_read(sources, mcfg)
     hf = HFRows(sources, mcfg)
     fresh = _fresh_tensors(mcfg, pg, sources)
     vocab = {n: (mcfg.llm.vocab_size, mcfg.llm.padded_vocab_size(tp)) for n in _VOCAB}
@@ -295,6 +365,11 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
     from engine.config.parallel import ParallelConfig
     from engine.parallel.init import initialize
 
+    parts_of: dict[Path, list[str]] = {}
+    for part, src in sources.items():
+        if src is not None:
+            parts_of.setdefault(src.dir, []).append(part)
+    refuse_overlap(out, {f"source of the {'/'.join(parts)}": d for d, parts in parts_of.items()})
     if _is_nonempty(Path(out)) and not force:  # fail before building anything
         raise CheckpointError(f"output {out} exists and is not empty; pass --force to replace it")
     check_model_dict(model_dict, "converted config")
@@ -344,13 +419,17 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
     if layout not in ADAPTERS:
         raise CheckpointError(f"--layout {layout!r}: choose one of {sorted(ADAPTERS)}")
     adapter = ADAPTERS[layout]
+    given = ckpt
     try:
         ckpt = resolve_checkpoint(ckpt)
     except FileNotFoundError as e:
         if Path(ckpt).is_file():  # a latest/best pointer naming a missing checkpoint
             raise CheckpointError(str(e)) from None
         # otherwise not a training run: read_meta below says what is missing
+    refuse_overlap(out, {"--ckpt": given, "checkpoint": ckpt})
     meta = read_meta(ckpt)
+    if meta.get("tokenizer_path"):  # a training checkpoint's is the run's data.tokenizer_path (absolute)
+        refuse_overlap(out, {"tokenizer directory": Path(ckpt) / meta["tokenizer_path"]})
     mcfg = meta["model_config"]
     if mcfg.text_only and "vision" in adapter.parts:
         raise CheckpointError(f"{ckpt} holds a text-only model; export it with --layout qwen2")
@@ -385,6 +464,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, layout: str, *, force: bool =
 
 
 __all__ = [
-    "Source", "assemble_model_dict", "atomic_output_dir", "engine_config", "hf_to_mcore", "load_sources_into",
-    "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "tokenizer_report",
+    "Source", "assemble_model_dict", "atomic_output_dir", "check_all_read", "engine_config", "hf_to_mcore",
+    "load_sources_into", "recipe_differences", "unread_tensors",
+    "mcore_to_hf", "open_source", "peak_rss_bytes", "read_meta", "refuse_overlap", "tokenizer_report",
 ]

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint.dcp_slices import LOAD_ERRORS, read_slices, short_error, stored_tensors
 from engine.checkpoint.hf_io import CheckpointError
+from engine.checkpoint.vit_padding import load_sharded
 from engine.config.base import from_dict, to_dict
 from engine.config.model import ModelConfig
 
@@ -28,26 +30,9 @@ META = "engine_checkpoint.json"
 TRAINER_META = "meta.json"
 FORMAT_VERSION = 1
 _VOCAB = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
-try:  # torch DCP wraps a reader's failure (missing file, bad bytes) in CheckpointException
-    from torch.distributed.checkpoint.api import CheckpointException as _DCPError
-except ImportError:  # pragma: no cover
-    _DCPError = RuntimeError
-_LOAD_ERRORS = (Exception, _DCPError)
-
-
-def _short(e: BaseException) -> str:
-    """The root cause of a DCP failure (its message otherwise carries every rank's traceback)."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        inner = next(iter(failures.values()))
-        inner = getattr(inner, "exception", inner)
-        if isinstance(inner, tuple):  # (exception, traceback frames)
-            inner = inner[0]
-        return f"{type(inner).__name__}: {inner}"
-    return f"{type(e).__name__}: {e}"
-
 # Fields that may differ between the writer and the reader of a checkpoint (not architecture).
-_FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype"}
+# padded_num_heads: extra all-zero ViT heads for a TP size; a checkpoint loads with any padding (vit_padding).
+FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype", "padded_num_heads"}
 
 
 def write_meta(ckpt_dir: Path, mcfg: ModelConfig, *, step: int, tokenizer_path: str | None, tp: int, pp: int,
@@ -109,7 +94,7 @@ def _flat(d: dict, pre: str = "") -> dict:
 def config_differences(saved: ModelConfig, ours: ModelConfig) -> list[str]:
     a, b = _flat(to_dict(saved)), _flat(to_dict(ours))
     return [f"model.{k}: checkpoint {a[k]!r}, config {b.get(k)!r}" for k in sorted(a)
-            if k.split(".")[-1] not in _FREE_FIELDS and a[k] != b.get(k)]
+            if k.split(".")[-1] not in FREE_FIELDS and a[k] != b.get(k)]
 
 
 def save_model(model, ckpt_dir: str | Path) -> None:
@@ -132,9 +117,7 @@ def save_checkpoint(model, mcfg: ModelConfig, ckpt_dir: str | Path, *, step: int
 
 
 def load_model(model, ckpt_dir: str | Path, mcfg: ModelConfig) -> dict:
-    """Load into a model built for any TP/PP. Refuses a checkpoint of another architecture."""
-    from megatron.core import dist_checkpointing
-
+    """Load into a model built for any TP/PP (and any ViT head padding). Refuses another architecture."""
     meta = read_meta(ckpt_dir)
     diff = config_differences(meta["model_config"], mcfg)
     if diff:
@@ -143,10 +126,12 @@ def load_model(model, ckpt_dir: str | Path, mcfg: ModelConfig) -> dict:
             + f"\nbuild the model from the checkpoint's config ({Path(ckpt_dir) / META}) or fix the recipe"
         )
     _check_files(ckpt_dir)
-    try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    except _LOAD_ERRORS as e:
-        raise CheckpointError(f"{ckpt_dir}: loading the dist checkpoint failed ({_short(e)})") from e
+    try:  # ViT heads padded for another TP size are re-padded on the way in
+        state = load_sharded(model.sharded_state_dict(), ckpt_dir, lambda: meta["model_config"])
+    except CheckpointError:
+        raise
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"{ckpt_dir}: loading the dist checkpoint failed ({short_error(e)})") from e
     model.load_state_dict(state, strict=True)
     return meta
 
@@ -173,48 +158,12 @@ def _check_files(ckpt_dir) -> None:
 
 def build_meta_model(mcfg: ModelConfig, pg):
     """A TP=1/PP=1 model on the meta device: its sharded state dict gives names, keys and shapes."""
-    from engine.checkpoint.convert import engine_config
+    from engine.checkpoint.conversion_config import engine_config
     from engine.model.build import build_vlm
 
     cfg = engine_config(to_dict(mcfg), tp=1, pp=1)
     with torch.device("meta"):
         return build_vlm(cfg, pg, pre_process=True, post_process=True)
-
-
-class _SlicePlanner:
-    """torch DCP load planner that reads given sub-blocks (a layer of a layer-stacked tensor) into buffers.
-
-    The class is made once: a class made per call is a reference cycle, and its methods' closure kept
-    that call's buffers alive until Python's cyclic GC ran (seen: +190 MiB in mcore-to-hf's peak).
-    """
-
-    _cls = None
-
-    @classmethod
-    def make(cls, slices: dict):
-        if cls._cls is None:
-            from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-            from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-            from torch.distributed.checkpoint.planner import LoadPlan
-            from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-            class Planner(DefaultLoadPlanner):
-                def __init__(self, slices: dict):
-                    super().__init__()
-                    self.slices = slices  # stored key -> (offsets, buffer)
-
-                def create_local_plan(self):
-                    items = []
-                    for key, (offsets, buf) in self.slices.items():
-                        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-                        items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-                    return LoadPlan(items)
-
-                def lookup_tensor(self, index):  # the buffer holds just the requested block
-                    return self.slices[index.fqn][1]
-
-            cls._cls = Planner
-        return cls._cls(slices)
 
 
 class GroupReader:
@@ -229,16 +178,12 @@ class GroupReader:
 
     def __init__(self, ckpt_dir: str | Path, pg):
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-        from torch.distributed.checkpoint import FileSystemReader
 
         self.dir = Path(ckpt_dir)
         self.meta = read_meta(ckpt_dir)
         self.mcfg: ModelConfig = self.meta["model_config"]
         _check_files(ckpt_dir)
-        try:
-            self._stored = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
-        except Exception as e:
-            raise CheckpointError(f"{self.dir}/.metadata is unreadable ({e}); the checkpoint is corrupted") from None
+        self._stored = stored_tensors(self.dir)
         model = build_meta_model(self.mcfg, pg)
         self._entries = {}  # our name -> (stored key, layer index or None, shape)
         for name, sh in model.sharded_state_dict().items():
@@ -247,9 +192,6 @@ class GroupReader:
                 self._entries[name] = (sh.key, layer, tuple(sh.data.shape))
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint import load as dcp_load
-
         slices, out = {}, {}
         for n in names:
             if n not in self._entries:
@@ -271,9 +213,5 @@ class GroupReader:
                 )
             buf = torch.empty(shape, dtype=stored.properties.dtype)
             slices[key], out[n] = (offsets, buf), buf
-        try:
-            dcp_load({k: b for k, (_, b) in slices.items()}, storage_reader=FileSystemReader(str(self.dir)),
-                     planner=_SlicePlanner.make(slices), no_dist=True)
-        except _LOAD_ERRORS as e:
-            raise CheckpointError(f"{self.dir}: reading {names[:2]}... failed ({_short(e)}); a shard file is missing or corrupted") from e
+        read_slices(self.dir, slices, f"{names[:2]}...")
         return {n: (t[0] if self._entries[n][1] is not None else t) for n, t in out.items()}

@@ -95,6 +95,19 @@ def hf_logits(src: Source, mcfg, batch) -> torch.Tensor:
         return model(**kwargs).logits.float()
 
 
+@torch.no_grad()
+def remote_code_logits(hf_dir, batch) -> torch.Tensor:
+    """Logits of an `internvl_chat` export through the modeling code it carries (AutoModel, trust_remote_code)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    kwargs = {"input_ids": batch["tokens"], "attention_mask": torch.ones_like(batch["tokens"])}
+    if "pixel_values" in batch:
+        kwargs["pixel_values"] = batch["pixel_values"].float()
+        kwargs["image_flags"] = torch.ones(batch["pixel_values"].shape[0], dtype=torch.long)
+    return model(**kwargs).logits.float()
+
+
 def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     ours, ref = ours.double(), ref.double()
     logp_ref, logp_ours = torch.log_softmax(ref, -1), torch.log_softmax(ours, -1)
@@ -107,28 +120,37 @@ def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
     }
 
 
-def run_parity(hf_dir, tp: int = 1, pp: int = 1, mcore_ckpt=None, image_token_id: int | None = None) -> dict:
+def run_parity(hf_dir, tp: int = 1, pp: int = 1, mcore_ckpt=None, image_token_id: int | None = None,
+               model_dict: dict | None = None, load=None, reference: str = "transformers") -> dict:
     """Collective over TP x PP ranks: our model (converted on the fly from hf_dir, or loaded from a
-    converted dist checkpoint) vs transformers on one deterministic batch. Every rank gets the metrics."""
+    converted dist checkpoint) vs transformers on one deterministic batch. Every rank gets the metrics.
+
+    reference: "transformers" (its own classes; for the chat layout the native InternVL on renamed weights) or
+    "remote_code" (an internvl_chat export's own modeling code, through AutoModel with trust_remote_code).
+
+    model_dict: build this model config instead of the source's / checkpoint's (e.g. another ViT padding).
+    load(model, mcore_ckpt, model_config): how to fill the model from mcore_ckpt (default: mcore_io.load_model).
+    """
     from engine.checkpoint.convert import engine_config, load_sources_into, open_source
     from engine.checkpoint.mcore_io import load_model, read_meta
     from engine.model.build import build_for_this_stage
     from engine.parallel.init import initialize
 
     src = open_source(hf_dir, image_token_id)
-    md = src.model_dict if mcore_ckpt is None else read_meta(mcore_ckpt)["model"]
+    md = model_dict or (src.model_dict if mcore_ckpt is None else read_meta(mcore_ckpt)["model"])
     cfg = engine_config(md, tp, pp)
     pg = initialize(cfg.parallel, seed=cfg.train.seed)
     model = build_for_this_stage(cfg, pg)
     if mcore_ckpt is None:
         load_sources_into(model, {p: src for p in src.adapter.parts}, cfg.model, pg.tp)
     else:
-        load_model(model, mcore_ckpt, cfg.model)
+        (load or load_model)(model, mcore_ckpt, cfg.model)
     batch = deterministic_batch(cfg.model)
     ours = our_logits(model, batch, pg, cfg.model.llm.vocab_size)
     result = [None]
     if ours is not None:
-        result[0] = {**compare(ours, hf_logits(src, cfg.model, batch)), "layout": src.adapter.name,
+        ref = remote_code_logits(src.dir, batch) if reference == "remote_code" else hf_logits(src, cfg.model, batch)
+        result[0] = {**compare(ours, ref), "layout": src.adapter.name, "reference": reference,
                      "tp": tp, "pp": pp, "source": "mcore" if mcore_ckpt else "hf"}
     owner = [r for r in range(dist.get_world_size()) if r == dist.get_rank() and ours is not None]
     owners = [None] * dist.get_world_size()

@@ -96,6 +96,11 @@ class LLMConfig:
     num_query_groups: int = field_(2, "key/value heads (GQA)")
     rope_theta: float = field_(1_000_000.0, "RoPE base")
     max_position_embeddings: int = field_(32768, "longest sequence RoPE is built for")
+    rope_scaling: Literal["none", "dynamic"] = field_(
+        "none", "RoPE scaling of the source model; 'dynamic' (dynamic NTK, InternVL3) is plain RoPE up to "
+        "max_position_embeddings, so it trains as plain RoPE there and is kept for exports (docs/checkpoints.md)"
+    )
+    rope_scaling_factor: float = field_(1.0, "the scaling's factor (InternVL3: 2.0); 1.0 without a scaling")
     norm_eps: float = field_(1e-6, "RMSNorm epsilon")
     qkv_bias: bool = field_(True, "bias on q/k/v (Qwen2: true)")
     tie_embeddings: bool = field_(False, "share input embedding and output layer")
@@ -129,6 +134,23 @@ class LLMConfig:
             )
         if self.num_layers // pp < 1:
             raise ConfigError("each pipeline stage needs at least one LLM layer")
+        if self.rope_scaling == "none" and self.rope_scaling_factor != 1.0:
+            raise ConfigError(
+                f"model.llm.rope_scaling_factor={self.rope_scaling_factor} without a rope_scaling: set "
+                "model.llm.rope_scaling (e.g. dynamic) or leave the factor at 1.0"
+            )
+        if self.rope_scaling == "dynamic":
+            if self.rope_scaling_factor < 1.0:
+                raise ConfigError(f"model.llm.rope_scaling_factor={self.rope_scaling_factor}: dynamic NTK needs >= 1")
+            # transformers rescales the RoPE base for sequences longer than max_position_embeddings; below it
+            # dynamic NTK is plain RoPE, which is what the engine computes. train.seq_length is checked in
+            # TrainConfig; generated sequences must stay below it too.
+            if root.rollout.max_model_len > self.max_position_embeddings:
+                raise ConfigError(
+                    f"rollout.max_model_len={root.rollout.max_model_len} exceeds model.llm.max_position_embeddings="
+                    f"{self.max_position_embeddings}: with rope_scaling=dynamic, longer sequences get a rescaled "
+                    "RoPE in transformers that the engine does not compute; lower rollout.max_model_len"
+                )
 
 
 @dataclass

@@ -218,12 +218,14 @@ def save_model_only(path: str | Path, model, meta: dict) -> None:
 
 
 def load_model_only(path: str | Path, model) -> dict:
-    """Load model weights from a checkpoint written by save_checkpoint or save_model_only (any TP/PP)."""
-    from megatron.core import dist_checkpointing
+    """Load model weights from a checkpoint written by save_checkpoint or save_model_only (any TP/PP, and any
+    ViT head padding: a TP=1 conversion of InternViT-6B loads into a TP=8 model)."""
+    from engine.checkpoint.mcore_io import read_meta
+    from engine.checkpoint.vit_padding import load_sharded
 
     path = Path(path)
     if not (path / "meta.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no meta.json)")
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    state = load_sharded({"model": model.sharded_state_dict()}, path, lambda: read_meta(path)["model_config"])
     model.load_state_dict(state["model"])
     return json.loads((path / "meta.json").read_text())

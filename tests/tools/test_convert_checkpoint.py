@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint.convert import open_source  # engine before transformers: its kernels set up Triton first
 from tests.helpers.torchrun import REPO, free_port, torchrun
 
 pytestmark = pytest.mark.slow
@@ -114,3 +115,60 @@ def test_parity_tool_under_torchrun_tp2_on_chat_layout(hf):
     proc = torchrun(REPO / PARITY, ["--hf-dir", str(hf["chat"]), "--tp", "2", "--json"], nproc=2, timeout=180)
     r = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     assert r["passed"] and r["tp"] == 2 and r["layout"] == "internvl_chat" and r["max_abs_logit_diff"] <= 1e-4
+
+
+def _listing(d: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(d)), p.stat().st_size) for p in d.rglob("*") if p.is_file())
+
+
+def test_no_direction_writes_over_its_own_input(hf, converted):
+    """--out equal to, inside, or around an input -- directly or through a symlink -- is refused (exit 2)
+    before anything is written, even with --force; the input is left as it was."""
+    ckpt_before, hf_before = _listing(converted), _listing(hf["nat"])
+    link = hf["root"] / "mc_link"
+    link.symlink_to(converted)
+    runs = {
+        "mcore-to-hf same": (["mcore-to-hf", "--ckpt", converted, "--out", converted, "--layout", "internvl"], "is the --ckpt"),
+        "mcore-to-hf symlink": (["mcore-to-hf", "--ckpt", converted, "--out", link, "--layout", "internvl"], "is the --ckpt"),
+        "mcore-to-hf inside": (["mcore-to-hf", "--ckpt", converted, "--out", converted / "hf", "--layout", "qwen2"],
+                               "inside the --ckpt"),
+        "hf-to-mcore same": (["hf-to-mcore", "--hf-dir", hf["nat"], "--out", hf["nat"]], "is the source of the vision/projector/llm"),
+        "assemble around": (["assemble", "--vision", hf["nat"], "--connector", "init", "--llm", hf["qwen"], "--out", hf["root"]],
+                            "contains the source of the vision"),
+    }
+    for name, (args, match) in runs.items():
+        proc = run(CONVERT, *args, "--force", "--no-progress")
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert match in proc.stderr and "outside every input" in proc.stderr, (name, proc.stderr[-2000:])
+    assert _listing(converted) == ckpt_before and _listing(hf["nat"]) == hf_before
+    assert not (hf["root"] / "mc.partial").exists() and not list(hf["root"].glob("*.replaced"))
+
+
+def _recipe(path: Path, model: dict) -> Path:
+    """A valid recipe: the tiny CPU SFT recipe with the given model section on top."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"base": str(REPO / "recipes" / "tiny_cpu_sft.yaml"), "model": model,
+                                    "data": {"tile_size": 56, "max_tiles": 1},
+                                    "train": {"seq_length": 512}}))
+    return path
+
+
+def test_check_recipe_lists_the_model_fields_a_recipe_gets_wrong(hf):
+    md = open_source(hf["nat"]).model_dict  # what hf-to-mcore makes of the checkpoint's config.json
+    same = _recipe(hf["root"] / "same.yaml", md)
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["nat"], "--config", same)
+    assert proc.returncode == 0 and "OK:" in proc.stderr, proc.stderr[-2000:]
+    wrong = _recipe(hf["root"] / "wrong.yaml", {**md, "llm": {**md["llm"], "norm_eps": 1e-5, "max_position_embeddings": 1024},
+                                                "vision": {**md["vision"], "qk_norm": True}})
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["nat"], "--config", wrong, "model.llm.rope_theta=5e5")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "model.vision.qk_norm: checkpoint False, recipe True",
+        "model.llm.rope_theta: checkpoint 10000.0, recipe 500000.0",
+        "model.llm.max_position_embeddings: checkpoint 512, recipe 1024",
+        "model.llm.norm_eps: checkpoint 1e-06, recipe 1e-05",
+    ], proc.stdout
+    # an LLM-only checkpoint checks the LLM fields alone (the recipe's vision encoder is not its business)
+    proc = run(CONVERT, "check-recipe", "--hf-dir", hf["qwen"], "--config", wrong)
+    assert proc.returncode == 1 and all(line.startswith("model.llm.") for line in proc.stdout.splitlines()), proc.stdout

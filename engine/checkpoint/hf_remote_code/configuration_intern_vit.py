@@ -1,7 +1,7 @@
 """InternViT (vision encoder of InternVL-chat / Skywork-R1V) configuration.
 
-Written by vlm-reason-engine's `mcore-to-hf --layout internvl_chat`; configuration only (no modeling
-code: vLLM brings its own InternViT). Field names are those of the published InternViT config.json.
+Written by vlm-reason-engine's `mcore-to-hf --layout internvl_chat`. Field names and defaults are those of
+the published InternViT config class; the model is in modeling_intern_vit.py.
 """
 
 from transformers import PretrainedConfig
@@ -10,26 +10,26 @@ from transformers import PretrainedConfig
 class InternVisionConfig(PretrainedConfig):
     model_type = "intern_vit_6b"
 
-    def __init__(
+    def __init__(  # defaults: InternVL's InternVisionConfig (InternViT-6B), so a file that leaves a key out reads alike
         self,
         num_channels: int = 3,
         patch_size: int = 14,
-        image_size: int = 448,
-        hidden_size: int = 1024,
-        intermediate_size: int = 4096,
-        num_hidden_layers: int = 24,
-        num_attention_heads: int = 16,
-        qkv_bias: bool = True,
-        qk_normalization: bool = False,
-        norm_type: str = "layer_norm",  # or "rms_norm" (InternViT-6B)
-        layer_norm_eps: float = 1e-6,
+        image_size: int = 224,
+        qkv_bias: bool = False,
+        hidden_size: int = 3200,
+        num_attention_heads: int = 25,
+        intermediate_size: int = 12800,
+        qk_normalization: bool = True,
+        num_hidden_layers: int = 48,
+        use_flash_attn: bool = True,
         hidden_act: str = "gelu",
-        initializer_factor: float = 0.1,  # initial value of the layer scales ls1 / ls2
-        initializer_range: float = 0.02,
+        norm_type: str = "rms_norm",  # or "layer_norm" (InternViT-300M)
+        layer_norm_eps: float = 1e-6,
         dropout: float = 0.0,
-        attention_dropout: float = 0.0,
         drop_path_rate: float = 0.0,
-        use_flash_attn: bool = False,
+        attention_dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        initializer_factor: float = 0.1,  # initial value of the layer scales ls1 / ls2
         **kwargs,
     ):
         super().__init__(**kwargs)

@@ -1,8 +1,9 @@
 """InternVL-chat configuration: an InternViT encoder, an MLP connector (`mlp1`) and an LLM.
 
 Written by vlm-reason-engine's `mcore-to-hf --layout internvl_chat` so that the checkpoint loads
-offline with `trust_remote_code=True`; configuration only (vLLM's `InternVLChatModel` is the model).
-The LLM config is any transformers config, chosen by its `model_type` (else its architecture).
+offline with `trust_remote_code=True` (the model is in modeling_internvl_chat.py; vLLM brings its own).
+Fields and defaults are those of InternVL's InternVLChatConfig. The LLM config is any transformers
+config, chosen by its `model_type` (else its architecture).
 """
 
 from transformers import AutoConfig, PretrainedConfig
@@ -30,22 +31,23 @@ class InternVLChatConfig(PretrainedConfig):
     # vLLM and transformers look for the LLM as `text_config`; config.json spells it `llm_config`
     attribute_map = {"text_config": "llm_config"}
 
-    def __init__(
+    def __init__(  # defaults: InternVL's InternVLChatConfig (note ps_version v1); exports write every field
         self,
         vision_config=None,
         llm_config=None,
-        select_layer: int = -1,  # hidden state of the ViT that feeds the connector (-1: last block)
-        downsample_ratio: float = 0.5,  # pixel shuffle: 2x2 patches -> one token of 4x the width
-        ps_version: str = "v2",
-        force_image_size: int | None = None,
-        dynamic_image_size: bool = True,
-        use_thumbnail: bool = True,
-        min_dynamic_patch: int = 1,
-        max_dynamic_patch: int = 12,
-        template: str | None = None,
-        img_context_token_id: int | None = None,
         use_backbone_lora: int = 0,
         use_llm_lora: int = 0,
+        pad2square: bool = False,
+        select_layer: int = -1,  # hidden state of the ViT that feeds the connector (-1: last block)
+        force_image_size: int | None = None,
+        downsample_ratio: float = 0.5,  # pixel shuffle: 2x2 patches -> one token of 4x the width
+        template: str | None = None,
+        dynamic_image_size: bool = False,
+        use_thumbnail: bool = False,
+        ps_version: str = "v1",
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 6,
+        img_context_token_id: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -65,6 +67,7 @@ class InternVLChatConfig(PretrainedConfig):
         self.img_context_token_id = img_context_token_id
         self.use_backbone_lora = use_backbone_lora
         self.use_llm_lora = use_llm_lora
+        self.pad2square = pad2square
 
 
 class SkyworkChatConfig(InternVLChatConfig):

@@ -85,6 +85,45 @@ def _error_of(fn) -> str:
     return "NO ERROR"
 
 
+def _long_parity(hf_dir: Path, n_tokens: int) -> dict:
+    """run_parity's comparison (TP=1, converted on the fly) on a text batch of n_tokens."""
+    from engine.checkpoint.convert import engine_config, load_sources_into, open_source
+    from engine.checkpoint.parity import compare, deterministic_batch, hf_logits, our_logits
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
+
+    src = open_source(hf_dir)
+    cfg = engine_config(src.model_dict)
+    pg = initialize(cfg.parallel, seed=cfg.train.seed)
+    model = build_for_this_stage(cfg, pg)
+    load_sources_into(model, {p: src for p in src.adapter.parts}, cfg.model, pg.tp)
+    batch = deterministic_batch(cfg.model, text_before=n_tokens // 2, text_after=n_tokens - n_tokens // 2)
+    return compare(our_logits(model, batch, pg, cfg.model.llm.vocab_size), hf_logits(src, cfg.model, batch))
+
+
+def _remote_class(export: Path) -> str:
+    from transformers import AutoModel
+
+    return type(AutoModel.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)).__name__
+
+
+def _generate_both(chat_export: Path, native_dir: Path, n: int = 5) -> dict:
+    """Greedy tokens of the chat export's own generate() and of transformers' native InternVL, same weights."""
+    from transformers import AutoModel, InternVLForConditionalGeneration
+
+    from engine.checkpoint.convert import engine_config, open_source
+    from engine.checkpoint.parity import deterministic_batch
+
+    batch = deterministic_batch(engine_config(open_source(native_dir).model_dict).model)
+    kw = dict(input_ids=batch["tokens"], attention_mask=torch.ones_like(batch["tokens"]),
+              pixel_values=batch["pixel_values"].float(), max_new_tokens=n, do_sample=False)
+    remote = AutoModel.from_pretrained(chat_export, trust_remote_code=True, dtype=torch.float32).eval()
+    native = InternVLForConditionalGeneration.from_pretrained(native_dir, dtype=torch.float32).eval()
+    ours = remote.generate(**kw)  # the new tokens
+    ref = native.generate(**kw)[:, batch["tokens"].shape[1]:]
+    return {"remote_code": ours.tolist(), "transformers": ref.tolist()}
+
+
 def single(root: Path) -> dict:
     from tiny_hf import make_internvl, make_qwen2, write_chat_layout
 
@@ -126,6 +165,33 @@ def single(root: Path) -> dict:
             res[f"from_pretrained/{name}"] = compare(hf_logits(exp, mcfg, batch), hf_logits(src, mcfg, batch))
     res["dtype/qwen_bf16"] = sorted({str(t.dtype) for t in tensors(root / "export" / "qwen_bf16").values()})
 
+    # A chat vision_config without qk_normalization is InternViT-6B's qk-normed block (InternVL's default):
+    # converted, it equals transformers on the original native checkpoint (explicit use_qk_norm=true).
+    import shutil
+
+    shutil.copytree(hf / "sky_tied", hf / "sky_nokey")
+    cfg = json.loads((hf / "sky_nokey" / "config.json").read_text())
+    del cfg["vision_config"]["qk_normalization"], cfg["vision_config"]["norm_type"]  # (its qkv_bias=true stays)
+    (hf / "sky_nokey" / "config.json").write_text(json.dumps(cfg))
+    res["parity/sky_nokey_vs_native_source"] = run_parity(hf / "nat_tied", mcore_ckpt=to_mcore("sky_nokey"))
+
+    # dynamic NTK RoPE (InternVL3's llm_config): plain RoPE below max_position_embeddings
+    from tiny_hf import make_qwen2 as _q
+
+    dyn = {"rope_type": "dynamic", "factor": 2.0}
+    _q(hf / "qwen_dyn", vocab=300, seed=7, rope_scaling=dyn)
+    mc = to_mcore("qwen_dyn")
+    res["parity/qwen_dyn/tp1"] = run_parity(hf / "qwen_dyn", mcore_ckpt=mc)
+    mcore_to_hf(mc, root / "export" / "qwen_dyn", "qwen2", show_progress=False)
+    res["roundtrip/qwen_dyn"] = bit_identical(hf / "qwen_dyn", root / "export" / "qwen_dyn")
+    res["rope/exported_parameters"] = json.loads((root / "export" / "qwen_dyn" / "config.json").read_text())["rope_parameters"]
+    # ... and why the engine stays below it: 400 tokens past max_position_embeddings=300, transformers rescales
+    # the base for dynamic NTK (logits differ) and extrapolates plain RoPE like ours without it
+    _q(hf / "qwen_dyn300", vocab=300, seed=7, max_pos=300, rope_scaling=dyn)
+    _q(hf / "qwen_plain300", vocab=300, seed=7, max_pos=300)
+    res["rope/dynamic_past_max_pos"] = _long_parity(hf / "qwen_dyn300", 400)
+    res["rope/plain_past_max_pos"] = _long_parity(hf / "qwen_plain300", 400)
+
     # select_layer=-2 of 3 blocks: the export keeps the 2 used blocks and reads the last (-1)
     cfg = json.loads((root / "export" / "nat_select" / "config.json").read_text())
     res["select/export_config"] = [cfg["vision_config"]["num_hidden_layers"], cfg["vision_feature_layer"]]
@@ -141,6 +207,15 @@ def single(root: Path) -> dict:
     res["cross/vlm_llm_to_qwen2"] = bit_identical(
         hf / "nat_gqa", root / "export" / "llm_only", only_prefix="language_model.",
         rename=lambda k: k[len("language_model."):])
+
+    # the chat export's own modeling code (AutoModel, trust_remote_code) against our megatron model
+    mcore_to_hf(root / "mc" / "nat_select", root / "export" / "select_as_chat", "internvl_chat", show_progress=False)
+    for name, export, ckpt in (("chat_gqa", "chat_gqa", "chat_gqa"), ("sky_tied", "sky_tied", "sky_tied"),
+                               ("native_as_chat", "native_as_chat", "nat_tied"), ("select", "select_as_chat", "nat_select")):
+        res[f"remote_code/{name}"] = run_parity(root / "export" / export, mcore_ckpt=root / "mc" / ckpt,
+                                                reference="remote_code")
+    res["remote_code/class"] = _remote_class(root / "export" / "sky_tied")
+    res["remote_code/generate"] = _generate_both(root / "export" / "chat_gqa", hf / "nat_gqa")
 
     # re-assembly: vision from an InternViT-only checkpoint (nat_gqa's encoder, exported as one), connector
     # from nat_gqa, LLM from qwen_a (another tokenizer and vocab)
@@ -190,6 +265,8 @@ def single(root: Path) -> dict:
     res["lazy/small_pieces"] = {**same_stored(root / "mc" / "nat_gqa", root / "mc" / "nat_gqa_1k"),
                                 "pieces": rep["pieces"], "largest_piece_bytes": rep["largest_piece_bytes"]}
     res["lazy/stored_keys"] = len(stored(root / "mc" / "nat_gqa"))  # for scale
+    # nat_pad at TP=1: 3 ViT heads, no padding (read at TP=2, padded to 8, in `dist`)
+    to_mcore("nat_pad")
     # one process writes a TP=2 checkpoint (compared with the one 2 processes write, in `dist`)
     src = open_source(hf / "nat_tied")
     hf_to_mcore({p: src for p in src.adapter.parts}, src.model_dict, root / "mc" / "nat_tied_tp2_1proc", tp=2, pp=1,
@@ -250,6 +327,14 @@ def dist_checks(root: Path) -> dict:
         res[f"parity/{name}/tp{tp}pp{pp}_written_and_read"] = run_parity(hf / name, tp=tp, pp=pp, mcore_ckpt=out)
         # written at one layout, read at the other
         res[f"parity/{name}/written_tp{tp}pp{pp}_read_tp{pp}pp{tp}"] = run_parity(hf / name, tp=pp, pp=tp, mcore_ckpt=out)
+    # ViT heads re-padded at load: a TP=1 conversion (3 heads, no padding) into TP=2 models (padded to 8),
+    # by the converter's loader and by the trainer's (train.init_from)
+    from engine.train import checkpointing as trainer_ckpt
+
+    res["parity/nat_pad/tp2_from_unpadded_tp1_ckpt"] = run_parity(hf / "nat_pad", tp=2, mcore_ckpt=root / "mc" / "nat_pad")
+    res["parity/nat_pad/tp2_init_from_unpadded_tp1_ckpt"] = run_parity(
+        hf / "nat_pad", tp=2, mcore_ckpt=root / "mc" / "nat_pad",
+        load=lambda model, ckpt, _: trainer_ckpt.load_model_only(ckpt, model))
     dist.barrier()
     if dist.get_rank() == 0:  # the same checkpoint, written by one process (in `single`) and by two here
         res["lazy/tp2_one_vs_two_processes"] = same_stored(root / "mc" / "nat_tied_tp2_1proc",
@@ -258,9 +343,36 @@ def dist_checks(root: Path) -> dict:
 
 
 def export_dist_written(root: Path) -> dict:
-    from engine.checkpoint.convert import mcore_to_hf
+    from engine.checkpoint.convert import engine_config, mcore_to_hf
+    from engine.checkpoint.mcore_io import load_model, read_meta, save_checkpoint
+    from engine.checkpoint.parity import run_parity
+    from engine.model.build import build_for_this_stage
+    from engine.parallel.init import initialize
 
     res = {}
+    # ViT padding dropped at load: the TP=2 checkpoint (heads padded 3 -> 8) into a TP=1 model without padding
+    padded = root / "mc_dist" / "nat_pad_tp2pp1"
+    md = read_meta(padded)["model"]
+    res["vit_pad/written_padding"] = md["vision"]["padded_num_heads"]
+    unpadded = {**md, "vision": {**md["vision"], "padded_num_heads": 0}}
+    res["parity/nat_pad/tp1_unpadded_from_padded_tp2_ckpt"] = run_parity(root / "hf" / "nat_pad", mcore_ckpt=padded,
+                                                                         model_dict=unpadded)
+    # ... but padding heads that are not zero are not padding: refused, not cut off
+    cfg = engine_config(md)
+    model = build_for_this_stage(cfg, initialize(cfg.parallel))
+    load_model(model, padded, cfg.model)
+    with torch.no_grad():
+        model.vision.layers[0].attn.linear_qkv.weight[-1] = 1.0  # a row of the last (padding) head
+    save_checkpoint(model, cfg.model, root / "mc_bad_padding", step=0, tokenizer_path=None, tp=1, pp=1)
+    cfg0 = engine_config(unpadded)
+    model0 = build_for_this_stage(cfg0, initialize(cfg0.parallel))
+    res["error/nonzero_padding"] = _error_of(lambda: load_model(model0, root / "mc_bad_padding", cfg0.model))
+
+    # the chat export of the TP=2-written, head-padded checkpoint through its own modeling code
+    mcore_to_hf(padded, root / "export_dist" / "nat_pad_chat", "internvl_chat", show_progress=False)
+    res["remote_code/nat_pad_tp2"] = run_parity(root / "export_dist" / "nat_pad_chat", mcore_ckpt=padded,
+                                                reference="remote_code")
+
     for ckpt, layout, source in (("nat_tied_tp2pp1", "internvl", "nat_tied"), ("chat_gqa_tp1pp2", "internvl_chat", "chat_gqa"),
                                  ("qwen_tied_tp1pp2", "qwen2", "qwen_tied"), ("nat_pad_tp2pp1", "internvl", "nat_pad")):
         out = root / "export_dist" / ckpt

@@ -1,6 +1,7 @@
 """The InternVL-chat export's own configuration code (`engine/checkpoint/hf_remote_code`): transformers
 loads an exported config.json offline with `trust_remote_code=True`, every field we write comes back,
-and a transformers save / reload keeps them. No megatron, no vLLM (those: test_vllm_load.py)."""
+and a transformers save / reload keeps them. No megatron, no vLLM (those: test_vllm_load.py; the modeling
+code's logits against our megatron model: test_conversion.py)."""
 
 from __future__ import annotations
 
@@ -112,16 +113,25 @@ def test_autoconfig_loads_export_offline_and_keeps_every_field(loaded, case):
     assert r["text_config_is_llm"]  # what vLLM and transformers look the LLM up by
     assert _differences(r["written"], r["loaded"]) == []
     assert _differences(r["written"], r["resaved"]) == []  # transformers' own save / reload keeps them
-    assert set(CHAT.extra_files(r["written"])) <= set(r["resaved_files"])  # ... and carries our code along
+    config_code = {f for f in CHAT.extra_files(r["written"]) if f.startswith("configuration_")}
+    assert config_code <= set(r["resaved_files"])  # ... and carries our configuration code along
 
 
 def test_export_names_only_code_it_carries(loaded):
     r = loaded["internvl"]
-    assert r["written"]["auto_map"] == {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"}
-    assert sorted(p.name for p in r["dir"].glob("*.py")) == ["configuration_intern_vit.py", "configuration_internvl_chat.py"]
+    assert r["written"]["auto_map"] == {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                                        "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                                        "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
+    assert sorted(p.name for p in r["dir"].glob("*.py")) == [
+        "configuration_intern_vit.py", "configuration_internvl_chat.py", "modeling_intern_vit.py",
+        "modeling_internvl_chat.py"]
+    for target in r["written"]["auto_map"].values():  # every class it names is in the file it names
+        module, cls = target.split(".")
+        assert f"class {cls}(" in (r["dir"] / f"{module}.py").read_text()
     sky = loaded["skywork"]["written"]
     assert sky["model_type"] == "skywork_chat"
-    assert sky["auto_map"] == {"AutoConfig": "configuration_internvl_chat.SkyworkChatConfig"}
+    assert sky["auto_map"]["AutoConfig"] == "configuration_internvl_chat.SkyworkChatConfig"
+    assert sky["auto_map"]["AutoModel"] == "modeling_internvl_chat.SkyworkR1VChatModel"
     assert loaded["from_native"]["written"]["model_type"] == "internvl_chat"
 
 

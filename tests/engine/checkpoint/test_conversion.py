@@ -31,9 +31,14 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ckpt")
 
 
+def _offline(root: Path) -> dict:
+    """Remote code (the chat exports' modeling files) is copied into a module cache of the test's own."""
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(root / "hf_modules")}
+
+
 @pytest.fixture(scope="module")
 def single(root) -> dict:
-    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port()), **_offline(root)}
     proc = subprocess.run([sys.executable, str(WORKER), "single", str(root)], cwd=REPO, capture_output=True,
                           text=True, timeout=240, env={**os.environ, **env})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -63,6 +68,26 @@ def test_round_trip_is_bit_identical(single, case):
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
 
 
+def test_chat_vision_config_without_qk_normalization_is_read_as_internvl_reads_it(single):
+    # converted from a chat checkpoint whose vision_config leaves out qk_normalization and norm_type, compared
+    # with transformers on the original native checkpoint (explicit use_qk_norm=true, norm_type=rms_norm)
+    _assert_parity(single["parity/sky_nokey_vs_native_source"])
+
+
+def test_dynamic_ntk_rope_converts_and_exports(single):
+    _assert_parity(single["parity/qwen_dyn/tp1"])
+    r = single["roundtrip/qwen_dyn"]
+    assert r["same_keys"] and not r["differing"], r
+    assert single["rope/exported_parameters"] == {"rope_theta": 10000.0, "rope_type": "dynamic", "type": "dynamic",
+                                                  "factor": 2.0}
+
+
+def test_dynamic_ntk_differs_from_plain_rope_only_past_max_position_embeddings(single):
+    # why train.seq_length / rollout.max_model_len stay <= max_position_embeddings under rope_scaling=dynamic
+    _assert_parity(single["rope/plain_past_max_pos"])
+    assert single["rope/dynamic_past_max_pos"]["max_abs_logit_diff"] > 1e-3, single["rope/dynamic_past_max_pos"]
+
+
 def test_bf16_is_preserved(single):
     assert single["dtype/qwen_bf16"] == ["torch.bfloat16"]
 
@@ -83,6 +108,20 @@ def test_select_layer_export_is_truncated_encoder(single):
 def test_cross_layout_exports_are_bit_identical(single, key):
     r = single[key]
     assert r["same_keys"] and not r["differing"], r
+
+
+@pytest.mark.parametrize("case", ["chat_gqa", "sky_tied", "native_as_chat", "select"])
+def test_chat_export_loads_with_automodel_and_its_logits_equal_ours(single, case):
+    # AutoModel.from_pretrained(export, trust_remote_code=True) runs the modeling code the export carries
+    r = single[f"remote_code/{case}"]
+    _assert_parity(r)
+    assert r["reference"] == "remote_code" and r["layout"] == "internvl_chat"
+
+
+def test_chat_export_model_classes_and_generate(single):
+    assert single["remote_code/class"] == "SkyworkR1VChatModel"
+    g = single["remote_code/generate"]
+    assert g["remote_code"] == g["transformers"] and len(g["remote_code"][0]) == 5, g
 
 
 def test_native_exported_as_chat_layout_matches_transformers(single):
@@ -151,6 +190,8 @@ def test_damaged_checkpoints_are_clear_errors(single):
     "parity/chat_gqa/tp1pp2_written_and_read", "parity/chat_gqa/written_tp1pp2_read_tp2pp1",
     "parity/qwen_tied/tp1pp2_written_and_read", "parity/qwen_tied/written_tp1pp2_read_tp2pp1",
     "parity/nat_pad/tp2pp1_written_and_read", "parity/nat_pad/written_tp2pp1_read_tp1pp2",
+    # a TP=1 conversion has no ViT head padding; TP=2 needs it: re-padded at load (converter and trainer paths)
+    "parity/nat_pad/tp2_from_unpadded_tp1_ckpt", "parity/nat_pad/tp2_init_from_unpadded_tp1_ckpt",
 ])
 def test_tp2_pp2_match_transformers(dist, key):
     _assert_parity(dist[key])
@@ -164,7 +205,7 @@ def test_one_process_writes_the_tp2_checkpoint_two_processes_write(dist):
 
 @pytest.fixture(scope="module")
 def exported(root, dist) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()), **_offline(root)}
     proc = subprocess.run([sys.executable, str(WORKER), "export", str(root)], cwd=REPO, capture_output=True,
                           text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -175,3 +216,15 @@ def exported(root, dist) -> dict:
 def test_checkpoints_written_at_tp2_pp2_export_bit_identically(exported, ckpt):
     r = exported[ckpt]
     assert r["same_keys"] and not r["differing"] and r["n"] > 20, r
+
+
+def test_chat_export_of_a_head_padded_tp2_checkpoint_runs_through_its_own_code(exported):
+    _assert_parity(exported["remote_code/nat_pad_tp2"])
+
+
+def test_vit_padding_is_dropped_at_load_only_when_it_is_padding(exported):
+    assert exported["vit_pad/written_padding"] == 8
+    _assert_parity(exported["parity/nat_pad/tp1_unpadded_from_padded_tp2_ckpt"])
+    msg = exported["error/nonzero_padding"]
+    assert msg.startswith("CheckpointError") and "padding heads of 'vision.layers.0.attn.linear_qkv.weight'" in msg
+    assert "are not zero" in msg

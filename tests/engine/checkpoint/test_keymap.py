@@ -101,7 +101,8 @@ def test_native_vision_with_final_layernorm_is_refused():
 
 
 def test_chat_config_without_image_token_is_refused(tmp_path):
-    cfg = {"architectures": ["InternVLChatModel"], "llm_config": {**QWEN, "architectures": ["Qwen2ForCausalLM"]},
+    cfg = {"architectures": ["InternVLChatModel"], "ps_version": "v2",
+           "llm_config": {**QWEN, "architectures": ["Qwen2ForCausalLM"]},
            "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  image_size=56, patch_size=14)}
     with pytest.raises(CheckpointError, match="--image-token-id"):

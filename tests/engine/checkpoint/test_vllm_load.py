@@ -40,6 +40,7 @@ def test_vllm_generates_like_transformers_from_exported_internvl_chat(tmp_path):
         v = r[f"{name}/vllm"]
         assert (v["architecture"], v["hf_config_class"]) == (arch, config_class), (name, v)
         assert r[f"{name}/notes"] == [], (name, r[f"{name}/notes"])  # the tokenizer has what vLLM needs
-        assert r[f"{name}/files"] == ["configuration_intern_vit.py", "configuration_internvl_chat.py"], r  # no modeling code
+        assert r[f"{name}/files"] == ["configuration_intern_vit.py", "configuration_internvl_chat.py",
+                                      "modeling_intern_vit.py", "modeling_internvl_chat.py"], r  # our own code (vLLM: its model)
         assert v["prompt_ids"] == r["reference_prompt_ids"], (name, v)  # <img> <IMG_CONTEXT> x 4 </img>
         assert v["tokens"] == r["transformers_on_source"], (name, v)

@@ -47,12 +47,15 @@ def _randomize(model, seed: int) -> None:
             p.copy_((base + 0.08 * noise).to(p.dtype))  # 0.08: logits of O(1), softmax not saturated
 
 
-def llm_config(vocab=301, hidden=64, layers=2, heads=4, kv_heads=2, tied=False):
+def llm_config(vocab=301, hidden=64, layers=2, heads=4, kv_heads=2, tied=False, max_pos=512, rope_scaling=None):
+    """max_pos 512: >= 256 image tokens of a default 448px tile + text (engine config validation).
+    rope_scaling: e.g. {"rope_type": "dynamic", "factor": 2.0} (InternVL3's llm_config)."""
     from transformers import Qwen2Config
 
+    rope = {"rope_theta": 10000.0, **(rope_scaling or {"rope_type": "default"})}
     return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,  # >= 256 image tokens of a default 448px tile + text: engine config validation
-                       rope_theta=10000.0, tie_word_embeddings=tied)
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+                       rope_parameters=rope, tie_word_embeddings=tied)
 
 
 def make_qwen2(out, *, seed=0, dtype=torch.float32, salt="t", image_token_id=None, **kw) -> Path:
