@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,9 @@ class TrainConfig:
     keep_checkpoints: int = field_(2, "rotate old checkpoints, keeping this many (0: keep all)", bounds="[0, inf)")
     run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
     init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
+    init_from_allow: list[str] = field_(
+        factory=list, help="model config fields that may differ from init_from's stored config, e.g. "
+                           "[model.llm.max_position_embeddings] (others are an error)")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
     fp8: Literal["e4m3", "hybrid"] | None = field_(
@@ -57,6 +61,10 @@ class TrainConfig:
             raise ConfigError("train.eval_interval / train.early_stopping_patience need data.valid_path (a JSONL file)")
         if self.early_stopping_patience and not self.eval_interval:
             raise ConfigError("train.early_stopping_patience needs train.eval_interval > 0")
+        for key in self.init_from_allow:
+            if not _is_model_field(root.model, key):
+                raise ConfigError(f"train.init_from_allow: {key!r} is not a model config field (write e.g. "
+                                  "model.llm.rope_theta or model.vision)")
         if self.seq_length > root.model.llm.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_length={self.seq_length} exceeds model.llm.max_position_embeddings="
@@ -71,3 +79,16 @@ class TrainConfig:
                 f"micro_batch_size x data_parallel_size = {self.micro_batch_size} x {data_parallel_size}"
             )
         return self.global_batch_size // per_rank
+
+
+def _is_model_field(model, key: str) -> bool:
+    """Whether `key` ("model.llm.rope_theta", or a section such as "model.vision") names a field of the model tree."""
+    parts = key.split(".")
+    if parts[0] != "model" or len(parts) < 2:
+        return False
+    node = model
+    for part in parts[1:]:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
