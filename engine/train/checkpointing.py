@@ -152,6 +152,22 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def resume_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
+    """Collective. `--resume auto`: find_resume_checkpoint. `--resume PATH` (a checkpoint dir, a pointer or a run
+    dir): that checkpoint, which must be intact (no fallback: the user chose it)."""
+    if resume == "auto":
+        return find_resume_checkpoint(run_dir)
+    try:
+        path = resolve_checkpoint(resume)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"--resume {resume}: {e}") from None
+    problems = checkpoint_problems(path)
+    if problems:
+        raise CheckpointError(f"--resume {resume}: {path.name} is damaged: {describe(problems)}; pick another "
+                              "checkpoint, or --resume auto for the newest intact one")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- RNG state
 def _rng_state() -> dict:
     """Every RNG this process uses, as plain tensors / ints (loadable with torch.load(weights_only=True))."""

@@ -71,22 +71,10 @@ class Trainer:
                 "pipeline_model_parallel_size": p.pipeline_model_parallel_size}
 
     def _resume_checkpoint(self, resume: str | None):
-        """--resume auto: the newest intact checkpoint of the run (None: start fresh); --resume PATH: that one,
-        which must be intact."""
         if not resume:
             return None
         ckpt.clean_partial(self.cfg.train.run_dir)
-        if resume == "auto":
-            return ckpt.find_resume_checkpoint(self.cfg.train.run_dir)
-        try:
-            path = ckpt.resolve_checkpoint(resume)
-        except FileNotFoundError as e:
-            raise ckpt.CheckpointError(f"--resume {resume}: {e}") from None
-        problems = ckpt.checkpoint_problems(path)
-        if problems:
-            raise ckpt.CheckpointError(f"--resume {resume}: {path} is damaged: {ckpt.describe(problems)}; "
-                                       "use --resume auto to take the newest intact one")
-        return path
+        return ckpt.resume_checkpoint(self.cfg.train.run_dir, resume)
 
     def _restore(self, path) -> dict | None:
         """Model, optimizer, counters, per-rank state from a checkpoint; returns this rank's data position or None."""
@@ -98,8 +86,8 @@ class Trainer:
         self.skips_carried = {k: int(v) for k, v in (counters.get("data_skipped") or {}).items()}
         if rank_state is None:
             old = meta.get("layout") or {"world_size": meta.get("world_size")}
-            self._notice(f"resumed into another layout ({self._layout()}; checkpoint: {old}): RNG states are "
-                         "re-seeded, stage state (e.g. a sample buffer) comes from rank 0's file")
+            self._notice(f"resumed into another layout ({self._layout()}; checkpoint: {old}): RNG states are not "
+                         "restored (this run's seeding), stage state (e.g. a sample buffer) comes from rank 0's file")
             rank_state = ckpt.load_trainer_state(path / "trainer" / "rank00000.pt")
         self.load_extra_state(rank_state.get("extra", {}))
         if meta.get("dp_size") != self.dp_size:

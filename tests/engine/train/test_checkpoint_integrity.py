@@ -96,6 +96,18 @@ def test_no_intact_checkpoint_is_an_error_naming_each_problem(tmp_path, capsys):
     assert ckpt.find_resume_checkpoint(tmp_path / "elsewhere") is None  # no checkpoint at all: a fresh start
 
 
+def test_an_explicit_resume_path_must_be_intact(tmp_path):
+    root = tmp_path / "checkpoints"
+    old = write_step(root, 3)
+    _flip(write_step(root, 6) / "__0_0.distcp", 7)
+    assert ckpt.resume_checkpoint(tmp_path, str(old)) == old
+    with pytest.raises(CheckpointError, match=r"--resume .*latest: step_000006 is damaged: __0_0.distcp does not "
+                                              r"match its sha256 .*; pick another checkpoint"):
+        ckpt.resume_checkpoint(tmp_path, str(root / "latest"))
+    with pytest.raises(CheckpointError, match="no checkpoint here"):
+        ckpt.resume_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+
+
 def test_an_older_checkpoint_without_checksums_is_checked_for_its_rank_files(tmp_path, capsys):
     root = tmp_path / "checkpoints"
     d = write_step(root, 3, world=2)
