@@ -24,7 +24,8 @@ class TrainConfig:
     init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
     init_from_allow: list[str] = field_(
         factory=list, help="model config fields that may differ from init_from's stored config, e.g. "
-                           "[model.llm.max_position_embeddings] (others are an error)")
+                           "[model.llm.max_position_embeddings] (others are an error; freeze flags, transformer_impl and "
+                           "params_dtype may always differ)")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
     fp8: Literal["e4m3", "hybrid"] | None = field_(

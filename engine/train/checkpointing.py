@@ -409,8 +409,9 @@ def model_config_differences(meta: dict, model_cfg) -> list[str]:
 
 
 # Fields that may differ between an init_from checkpoint and this stage without saying so: they choose what
-# is trained and how it runs, not what the weights are.
-FREE_MODEL_FIELDS = ("model.vision.freeze", "model.projector.freeze", "model.llm.freeze", "model.transformer_impl")
+# is trained and how it runs, not what the weights are (the weights are cast to params_dtype on load).
+FREE_MODEL_FIELDS = ("model.vision.freeze", "model.projector.freeze", "model.llm.freeze", "model.transformer_impl",
+                     "model.params_dtype")
 
 
 def check_init_from_config(path: Path, meta: dict, model_cfg, allowed: list[str]) -> list[str]:
