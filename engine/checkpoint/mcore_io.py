@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint.atomic import require_intact
-from engine.checkpoint.atomic import short_error as _short  # the root cause of a DCP failure
 from engine.checkpoint.hf_io import CheckpointError
 from engine.config.base import from_dict, to_dict
 from engine.config.model import ModelConfig
@@ -36,6 +34,17 @@ except ImportError:  # pragma: no cover
     _DCPError = RuntimeError
 _LOAD_ERRORS = (Exception, _DCPError)
 
+
+def _short(e: BaseException) -> str:
+    """The root cause of a DCP failure (its message otherwise carries every rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        inner = next(iter(failures.values()))
+        inner = getattr(inner, "exception", inner)
+        if isinstance(inner, tuple):  # (exception, traceback frames)
+            inner = inner[0]
+        return f"{type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
 
 # Fields that may differ between the writer and the reader of a checkpoint (not architecture).
 _FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype"}
@@ -113,8 +122,8 @@ def save_model(model, ckpt_dir: str | Path) -> None:
 
 def save_checkpoint(model, mcfg: ModelConfig, ckpt_dir: str | Path, *, step: int, tokenizer_path: str | None,
                     tp: int, pp: int, force: bool = False) -> None:
-    """For training loops: dist checkpoint + metadata, all-or-nothing with checksums (engine/checkpoint/atomic.py;
-    collective over all ranks)."""
+    """For training loops: dist checkpoint + metadata, all-or-nothing with checksums (the one checkpoint writer,
+    engine/checkpoint/atomic.py; collective over all ranks)."""
     from engine.checkpoint.atomic import atomic_output_dir, rank
 
     with atomic_output_dir(ckpt_dir, force) as tmp:
@@ -161,7 +170,9 @@ def _check_files(ckpt_dir) -> None:
             f"{d}: shard file {missing[0] if missing else '*.distcp'} (of {len(files)} listed in .metadata) does not "
             "exist; the checkpoint is incomplete: copy it again or convert again"
         )
-    require_intact(d)  # every file against checksums.json (collective)
+    from engine.checkpoint.atomic import require_intact
+
+    require_intact(d)  # every file against the checksums.json the writer made (collective)
 
 
 def build_meta_model(mcfg: ModelConfig, pg):
