@@ -392,63 +392,20 @@ def save_model_only(path: str | Path, model, meta: dict) -> None:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
-def model_config_differences(meta: dict, model_cfg) -> list[str]:
-    """`model.*` fields where the checkpoint's stored model config (meta.json) differs from `model_cfg`."""
-    from engine.config.base import to_dict
-
-    def flat(d: dict, pre: str = "model.") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-        return out
-
-    stored = ((meta.get("config") or {}).get("model")) or {}
-    ours, theirs = flat(to_dict(model_cfg)), flat(stored)
-    return [f"{k}: checkpoint {theirs.get(k, '<absent>')!r}, config {ours.get(k, '<absent>')!r}"
-            for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)]
-
-
-# Fields that may differ between an init_from checkpoint and this stage without saying so: they choose what
-# is trained and how it runs, not what the weights are (the weights are cast to params_dtype on load).
-FREE_MODEL_FIELDS = ("model.vision.freeze", "model.projector.freeze", "model.llm.freeze", "model.transformer_impl",
-                     "model.params_dtype")
-
-
-def check_init_from_config(path: Path, meta: dict, model_cfg, allowed: list[str]) -> list[str]:
-    """train.init_from: the checkpoint's stored model config must equal this run's, except FREE_MODEL_FIELDS and
-    the fields listed in train.init_from_allow. Returns the allowed differences (to report); raises on others."""
-    if not (meta.get("config") or {}).get("model"):
-        raise CheckpointError(f"{path}/meta.json stores no model config, so it cannot be checked against this run's; "
-                              "it is not a training or converted checkpoint of this engine")
-    diffs = model_config_differences(meta, model_cfg)
-
-    def ok(line: str) -> bool:
-        key = line.split(":", 1)[0]
-        return any(key == f or key.startswith(f + ".") for f in (*FREE_MODEL_FIELDS, *allowed))
-
-    refused = [d for d in diffs if not ok(d)]
-    if refused:
-        keys = ",".join(d.split(":", 1)[0] for d in refused)
-        raise CheckpointError(
-            f"train.init_from={path}: the checkpoint's model config differs from this run's:\n  " + "\n  ".join(refused)
-            + f"\nfix the recipe, or if these differences are intended (e.g. a longer context), set "
-              f"train.init_from_allow=[{keys}]")
-    return [d for d in diffs if d.split(":", 1)[0] not in FREE_MODEL_FIELDS]
-
-
 def load_model_only(path: str | Path, model, model_cfg=None, allow: list[str] | None = None) -> dict:
     """Load model weights from a checkpoint written by save_checkpoint, save_model_only or the converter (any TP/PP).
-    Collective. The files are verified against checksums.json first; with `model_cfg` the stored model config
-    is compared first (check_init_from_config)."""
+    Collective. The files are verified against checksums.json first; with `model_cfg` (train.init_from) the
+    stored model config must match, except the fields in `allow` (engine/train/init_from.py)."""
     from megatron.core import dist_checkpointing
+
+    from engine.train.init_from import check_init_from_config
 
     path = Path(path)
     if not (path / "meta.json").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
     require_intact(path)
-    meta = read_meta(path) if model_cfg is not None else json.loads((path / "meta.json").read_text())
     if model_cfg is not None:
-        for line in check_init_from_config(path, meta, model_cfg, list(allow or [])):
+        for line in check_init_from_config(path, model_cfg, list(allow or [])):
             _notice(f"init_from: allowed difference {line}")
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
@@ -457,4 +414,4 @@ def load_model_only(path: str | Path, model, model_cfg=None, allow: list[str] | 
         if not is_error(e):
             raise
         raise CheckpointError(f"{path}: loading the model weights failed ({short_error(e)})") from None
-    return meta
+    return json.loads((path / "meta.json").read_text())
