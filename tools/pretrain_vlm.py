@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="recipe YAML (recipes/*.yaml)")
     ap.add_argument("--resume", default=None, help="'auto' = continue from <run_dir>/checkpoints/latest, or a checkpoint dir")
     ap.add_argument("--overwrite", action="store_true",
-                    help="start a new run in a run dir that holds another run: delete its checkpoints and metrics first")
+                    help="start a new run in a run dir that holds another: delete its checkpoints and metrics first")
     ap.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     args = ap.parse_args(argv)

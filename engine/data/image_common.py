@@ -127,8 +127,8 @@ def _check_png_chunks(data: bytes, path: Path) -> None:
         if end + 4 > len(data):
             raise DataError("truncated_image", f"image {path} is a truncated PNG (chunk {kind!r} is cut)")
         if zlib.crc32(data[pos + 4 : end]) != int.from_bytes(data[end : end + 4], "big"):
-            raise DataError("corrupt_image", f"image {path}: PNG chunk {kind.decode('latin-1')} at byte {pos} fails its "
-                            "CRC (damaged file)")
+            name = kind.decode("latin-1")
+            raise DataError("corrupt_image", f"image {path}: PNG chunk {name} at byte {pos} fails its CRC (damaged file)")
         if kind == b"IEND":
             return
         pos = end + 4

@@ -2,9 +2,9 @@
 
 Per image the host reads the header (shared `probe`), picks the grid with the shared InternVL rule and
 checks the file's structure and, for formats DALI decodes itself, that PIL's decoder accepts it (shared
-`check_decodes`: DALI's CPU decoder turns damaged JPEG data into garbage instead of failing); DALI then decodes ("mixed" = nvJPEG on a GPU, host decoder on CPU),
-resizes to (cols*T, rows*T) and to the T x T thumbnail with a cubic, antialiased filter, and normalises
-to float CHW. Cutting the resized image into tiles is a view/permute in torch.
+`check_decodes`: DALI's CPU decoder turns damaged JPEG data into garbage instead of failing). DALI then
+decodes ("mixed" = nvJPEG on a GPU, host decoder on CPU), resizes to (cols*T, rows*T) and to the T x T
+thumbnail with a cubic, antialiased filter, and normalises to float CHW. Cutting the resized image into tiles is a view/permute in torch.
 
 Files whose pixel mode DALI does not decode like PIL (CMYK, 16-bit, palette, alpha, bilevel) are
 converted once on the host with the shared `decode_rgb` and handed to DALI as lossless PNG, so both

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def cmd(run_dir: Path, *extra: str, launcher: str = "launch") -> list[str]:
-    """tools/launch.py (torchrun's arguments, pre-emption-safe SIGTERM, the worker's exit code) or plain torchrun."""
-    head = [sys.executable, "tools/launch.py"] if launcher == "launch" else [sys.executable, "-m", "torch.distributed.run"]
-    return [*head, "--nproc_per_node=2", f"--master_port={free_port()}", "tools/pretrain_vlm.py",
+def cmd(run_dir: Path, *extra: str) -> list[str]:
+    """The tiny SFT recipe under tools/launch.py (torchrun's arguments, pre-emption-safe SIGTERM, the failed
+    worker's exit code)."""
+    return [sys.executable, "tools/launch.py", "--nproc_per_node=2", f"--master_port={free_port()}", "tools/pretrain_vlm.py",
             "--config", "recipes/tiny_cpu_sft.yaml", f"train.run_dir={run_dir}", *extra]
 
 
