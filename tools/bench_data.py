@@ -5,6 +5,9 @@
 Images: the generated visual-reasoning set (written to a temporary directory unless --images is given),
 each decoded, tiled (InternVL dynamic tiling, 448 tiles, max 12) and normalised, one pass as warm-up.
 DALI runs its CPU decoder without a GPU, the "mixed" (GPU) decoder when CUDA is present.
+Checks: the per-image cost of the checks both pipelines share before decoding (structure: PNG chunk CRCs,
+JPEG end marker) and of PIL's draft-mode decode that DALI's JPEGs pass first, on the same images as PNG
+and re-encoded as JPEG (quality 90), next to the DALI pipeline's own time per image.
 Packer: first-fit-decreasing of --packer-items lengths (uniform in [64, 4096], seed 0) into 4096-token
 rows; the packs of both implementations are compared for equality.
 """
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from engine.data import packing  # noqa: E402
 from engine.data.images import TileSpec, build_image_pipeline  # noqa: E402
@@ -44,6 +48,34 @@ def bench_images(kind: str, paths: list[Path], spec: TileSpec, repeats: int) -> 
     device = getattr(pipe, "device", "cpu")
     return {"impl": kind, "device": device, "images": n, "tiles": tiles, "seconds": round(dt, 3),
             "images_per_s": round(n / dt, 1), "tiles_per_s": round(tiles / dt, 1)}
+
+
+def bench_checks(paths: list[Path], spec: TileSpec, repeats: int, tmp: Path) -> list[dict]:
+    from engine.data.image_common import check_decodes, read_checked
+
+    rows = []
+    for fmt in ("png", "jpg"):
+        files = paths
+        if fmt == "jpg":  # the same pictures as JPEGs, where the decode check applies
+            files = [tmp / f"bench_{k:05d}.jpg" for k in range(len(paths))]
+            for p, q in zip(paths, files):
+                Image.open(p).convert("RGB").save(q, quality=90)
+        loaded = [read_checked(p, spec) for p in files]  # warm the page cache
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for p in files:
+                read_checked(p, spec)
+        structure = (time.perf_counter() - start) / (repeats * len(files))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for data, info in loaded:
+                check_decodes(data, info)
+        decode = (time.perf_counter() - start) / (repeats * len(files))
+        dali = bench_images("dali", files, spec, repeats)
+        rows.append({"format": fmt, "images": len(files), "structure_check_ms": round(structure * 1e3, 3),
+                     "decode_check_ms": round(decode * 1e3, 3), "dali_ms_per_image": round(1e3 / dali["images_per_s"], 3),
+                     "checks_share_of_dali": round((structure + decode) * dali["images_per_s"], 3)})
+    return rows
 
 
 def bench_packer(n: int, capacity: int) -> list[dict]:
@@ -89,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = sorted(q for q in folder.rglob("*") if q.suffix.lower() in (".png", ".jpg", ".jpeg"))
             spec = TileSpec(448, 1, args.max_tiles, True)
             result["images"] = [bench_images(k, paths, spec, args.repeats) for k in ("pil", "dali")]
+            with tempfile.TemporaryDirectory() as jpg_dir:
+                result["checks"] = bench_checks(paths, spec, args.repeats, Path(jpg_dir))
     if "packer" not in args.skip:
         result["packer"] = bench_packer(args.packer_items, args.capacity)
     text = json.dumps(result, indent=1)

@@ -107,12 +107,13 @@ def save_model(model, ckpt_dir: str | Path) -> None:
 
 def save_checkpoint(model, mcfg: ModelConfig, ckpt_dir: str | Path, *, step: int, tokenizer_path: str | None,
                     tp: int, pp: int, force: bool = False) -> None:
-    """For training loops: dist checkpoint + metadata, all-or-nothing (collective over all ranks)."""
-    from engine.checkpoint.atomic import _rank, atomic_output_dir
+    """For training loops: dist checkpoint + metadata, all-or-nothing with checksums (the one checkpoint writer,
+    engine/checkpoint/atomic.py; collective over all ranks)."""
+    from engine.checkpoint.atomic import atomic_output_dir, rank
 
     with atomic_output_dir(ckpt_dir, force) as tmp:
         save_model(model, tmp)
-        if _rank() == 0:
+        if rank() == 0:
             write_meta(tmp, mcfg, step=step, tokenizer_path=tokenizer_path, tp=tp, pp=pp)
 
 
@@ -154,6 +155,9 @@ def _check_files(ckpt_dir) -> None:
             f"{d}: shard file {missing[0] if missing else '*.distcp'} (of {len(files)} listed in .metadata) does not "
             "exist; the checkpoint is incomplete: copy it again or convert again"
         )
+    from engine.checkpoint.atomic import require_intact
+
+    require_intact(d)  # every file against the checksums.json the writer made (collective)
 
 
 def build_meta_model(mcfg: ModelConfig, pg):

@@ -23,25 +23,32 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # engin
 
 @dataclass
 class GRPOConfig:
-    group_size: int = field_(32, "samples per prompt G (R1V3: 32; R1V: 8)")
-    rollouts_per_episode: int = field_(1024, "samples generated per episode (R1V3: 1024 = 32 prompts x 32)")
+    group_size: int = field_(32, "samples per prompt G (R1V3: 32; R1V: 8)", bounds="[1, inf)")
+    rollouts_per_episode: int = field_(1024, "samples generated per episode (R1V3: 1024 = 32 prompts x 32)",
+                                       bounds="[1, inf)")
     mini_batch_size: int = field_(32, "prompts per gradient step, verl's ppo_mini_batch_size (R1V3: 32 prompts x 32 "
-                                      "samples = the whole 1024-rollout episode, so one on-policy step)")
-    ppo_epochs: int = field_(1, "passes over the episode's mini-batches (R1V3: 1)")
+                                      "samples = the whole 1024-rollout episode, so one on-policy step)",
+                                      bounds="[1, inf)")
+    ppo_epochs: int = field_(1, "passes over the episode's mini-batches (R1V3: 1)", bounds="[1, inf)")
     advantage: Literal["grpo", "mean_only"] = field_("grpo", "(r - mean)/(std + eps) or Dr.GRPO mean-only")
-    advantage_eps: float = field_(1e-6, "eps added to the group std")
-    clip_eps_low: float = field_(0.2, "lower PPO clip ε_low (R1V3: 0.2)")
-    clip_eps_high: float = field_(0.2, "upper PPO clip ε_high; > ε_low is Clip-Higher (DAPO uses 0.28)")
-    dual_clip_c: float | None = field_(None, "dual-clip bound c > 1 for negative advantages (null: off)")
-    kl_coef: float = field_(0.0, "KL-to-reference coefficient β; 0 keeps no reference model (R1V3: 0)")
+    advantage_eps: float = field_(1e-6, "eps added to the group std", bounds="(0, inf)")
+    clip_eps_low: float = field_(0.2, "lower PPO clip ε_low (R1V3: 0.2)", bounds="[0, 1)")
+    clip_eps_high: float = field_(0.2, "upper PPO clip ε_high; > ε_low is Clip-Higher (DAPO uses 0.28)",
+                                  bounds="[0, inf)")
+    dual_clip_c: float | None = field_(None, "dual-clip bound c > 1 for negative advantages (null: off)",
+                                       bounds="(1, inf)")
+    kl_coef: float = field_(0.0, "KL-to-reference coefficient β; 0 keeps no reference model (R1V3: 0)",
+                            bounds="[0, inf)")
     kl_estimator: Literal["k1", "k2", "k3"] = field_("k3", "KL estimator on log-probs")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field_(
         "token-mean", "how per-token losses reduce to the step loss")
-    temperature: float = field_(1.0, "rollout sampling temperature (all three reports: 1.0)")
-    top_p: float = field_(1.0, "rollout nucleus sampling")
-    max_response_length: int = field_(8192, "max generated tokens per sample (R1V: 8k; R1V3: 4096 -> 8192)")
+    temperature: float = field_(1.0, "rollout sampling temperature (all three reports: 1.0)", bounds="(0, inf)")
+    top_p: float = field_(1.0, "rollout nucleus sampling", bounds="(0, 1]")
+    max_response_length: int = field_(8192, "max generated tokens per sample (R1V: 8k; R1V3: 4096 -> 8192)",
+                                      bounds="[1, inf)")
     dynamic_sampling: bool = field_(False, "drop groups whose rewards are all equal and refill the batch")
-    dynamic_sampling_max_rounds: int = field_(8, "rollout rounds per batch before dynamic sampling gives up")
+    dynamic_sampling_max_rounds: int = field_(8, "rollout rounds per batch before dynamic sampling gives up",
+                                              bounds="[1, inf)")
     overlong: Literal["keep", "zero_reward", "mask"] = field_(
         "zero_reward", "a response cut at max_response_length: keep its reward, score it 0, or DAPO overlong "
                        "filtering (in the group's advantage, out of the loss)")
@@ -81,13 +88,15 @@ class GRPOConfig:
 @dataclass
 class SSBConfig:
     enabled: bool = field_(False, "R1V2 Selective Sample Buffer on")
-    capacity: int = field_(4096, "samples kept (oldest evicted first)")
-    max_age: int = field_(8, "steps a buffered sample stays usable")
-    min_abs_advantage: float = field_(0.0, "only samples with |A| above this are buffered")
-    max_mix_fraction: float = field_(1.0, "at most this share of an update's zero-advantage slots is refilled")
+    capacity: int = field_(4096, "samples kept (oldest evicted first)", bounds="[1, inf)")
+    max_age: int = field_(8, "steps a buffered sample stays usable", bounds="[0, inf)")
+    min_abs_advantage: float = field_(0.0, "only samples with |A| above this are buffered", bounds="[0, inf)")
+    max_mix_fraction: float = field_(1.0, "at most this share of an update's zero-advantage slots is refilled",
+                                     bounds="[0, 1]")
     offline_filter: bool = field_(False, "drop prompts whose last groups all had zero advantage before rollout")
-    offline_window: int = field_(1, "how many recent groups of a prompt must all be zero-advantage to drop it")
-    seed: int = field_(0, "seed of the buffer's draw generator")
+    offline_window: int = field_(1, "how many recent groups of a prompt must all be zero-advantage to drop it",
+                                 bounds="[1, inf)")
+    seed: int = field_(0, "seed of the buffer's draw generator", bounds="[0, inf)")
 
     def validate(self, root) -> None:
         if self.capacity < 1 or self.max_age < 0 or self.offline_window < 1:
@@ -98,14 +107,16 @@ class SSBConfig:
 
 @dataclass
 class MPOConfig:
-    beta: float = field_(0.1, "β of the implicit reward β·log(π/π0)")
-    w_pref: float = field_(0.8, "w1, DPO preference term (InternVL MPO: 0.8)")
-    w_quality: float = field_(0.2, "w2, BCO quality term (InternVL MPO: 0.2)")
-    w_gen: float = field_(1.0, "w3, length-normalised NLL on the chosen response (InternVL MPO: 1.0)")
-    delta_momentum: float | None = field_(None, "BCO δ: null = cumulative mean of rewards, else EMA momentum")
+    beta: float = field_(0.1, "β of the implicit reward β·log(π/π0)", bounds="(0, inf)")
+    w_pref: float = field_(0.8, "w1, DPO preference term (InternVL MPO: 0.8)", bounds="[0, inf)")
+    w_quality: float = field_(0.2, "w2, BCO quality term (InternVL MPO: 0.2)", bounds="[0, inf)")
+    w_gen: float = field_(1.0, "w3, length-normalised NLL on the chosen response (InternVL MPO: 1.0)",
+                          bounds="[0, inf)")
+    delta_momentum: float | None = field_(None, "BCO δ: null = cumulative mean of rewards, else EMA momentum",
+                                          bounds="[0, 1)")
     pair_reward_gap: float = field_(
         0.0, "use only pairs with chosen_score - rejected_score >= this (R1V2 'MPO threshold' 7/10/15, 15 best; "
-             "0: every pair, scores optional)")
+             "0: every pair, scores optional)", bounds="[0, inf)")
 
     def validate(self, root) -> None:
         if self.beta <= 0:
@@ -123,9 +134,9 @@ class RewardConfig:
     name: Literal["rule", "format", "verifier", "r1v", "r1v2", "r1v3", "r1v3_rule"] = field_(
         "r1v3", "reward (engine/rl/rewards.py): r1v = rule+format, r1v2 = rule+verifier+format, "
                 "r1v3 = ε·(rule OR verifier) + (1-ε)·format, r1v3_rule = ε·rule + (1-ε)·format")
-    epsilon: float = field_(0.8, "R1V3 accuracy weight ε")
-    math_verify_timeout_s: float = field_(5.0, "per-answer time bound of the math-verify check")
-    math_verify_workers: int = field_(2, "worker processes for math-verify")
+    epsilon: float = field_(0.8, "R1V3 accuracy weight ε", bounds="[0, 1]")
+    math_verify_timeout_s: float = field_(5.0, "per-answer time bound of the math-verify check", bounds="(0, inf)")
+    math_verify_workers: int = field_(2, "worker processes for math-verify", bounds="[1, inf)")
     math_verify_backend: Literal["process", "thread"] = field_("process", "time bound by killable processes or a thread deadline")
     prompt_opens_think: bool = field_(True, "the prompt ends with '<think>' (think mode): responses start inside it")
     verifier_template: str = field_("", "judge prompt with {question} {gold} {answer} (empty: the built-in one)")
@@ -145,14 +156,15 @@ class RewardConfig:
 class DecodingConfig:
     mode: Literal["think", "nothink", "nowait", "budget"] = field_("think", "R1V3 decoding mode")
     banned_words: list[str] = field_(factory=lambda: ["Wait", "Alternatively", "Hmm"], help="NoWait: words banned by logit bias")
-    ban_bias: float = field_(-math.inf, "logit bias for banned ids (-inf, or e.g. -100)")
+    ban_bias: float = field_(-math.inf, "logit bias for banned ids (-inf, or e.g. -100)", bounds="[-inf, 0]")
     ban_multi_token: Literal["auto", "first", "all"] = field_(
         "auto", "words split into several tokens: auto = ban single-token variants (first piece if none), all = every piece")
-    thinking_budget: int | None = field_(None, "budget mode: thinking tokens before '</think>' is forced (1k..16k)")
+    thinking_budget: int | None = field_(None, "budget mode: thinking tokens before '</think>' is forced (1k..16k)",
+                                         bounds="[0, inf)")
     answer_prefix: str = field_("", "text forced after '</think>' when the budget runs out")
-    alcotd_alpha: float = field_(1.0, "AL-CoTD α (R1V eq. 1)")
-    alcotd_beta: float = field_(1.0, "AL-CoTD β, weight of the text score")
-    alcotd_gamma: float = field_(1.0, "AL-CoTD γ, weight of the integration score")
+    alcotd_alpha: float = field_(1.0, "AL-CoTD α (R1V eq. 1)", bounds="[0, inf)")
+    alcotd_beta: float = field_(1.0, "AL-CoTD β, weight of the text score", bounds="[0, inf)")
+    alcotd_gamma: float = field_(1.0, "AL-CoTD γ, weight of the integration score", bounds="[0, inf)")
 
     def validate(self, root) -> None:
         if self.mode == "budget" and (self.thinking_budget is None or self.thinking_budget < 0):
@@ -165,11 +177,15 @@ class DecodingConfig:
 
 @dataclass
 class IterativeSFTConfig:
-    tau_schedule: list[float] = field_(factory=lambda: [2.0, 3.0, 4.0, 5.0], help="RM threshold τ_t per iteration (R1V)")
-    lrs: list[float] = field_(factory=lambda: [1e-4, 2e-5, 2e-5, 2e-5], help="lr per iteration (R1V: 1e-4, then 2e-5)")
+    tau_schedule: list[float] = field_(factory=lambda: [2.0, 3.0, 4.0, 5.0], help="RM threshold τ_t per iteration (R1V)",
+                                       bounds="(-inf, inf)")
+    lrs: list[float] = field_(factory=lambda: [1e-4, 2e-5, 2e-5, 2e-5], help="lr per iteration (R1V: 1e-4, then 2e-5)",
+                              bounds="(0, inf)")
     score_field: str = field_("rm_score", "JSONL field with each SFT sample's reward-model score (0-5)")
-    epochs_per_iteration: float = field_(1.0, "passes over the selected samples per iteration (R1V: 1)")
-    probe_max_tokens: int = field_(512, "greedy answer length when finding the samples a model answers wrong")
+    epochs_per_iteration: float = field_(1.0, "passes over the selected samples per iteration (R1V: 1)",
+                                         bounds="(0, inf)")
+    probe_max_tokens: int = field_(512, "greedy answer length when finding the samples a model answers wrong",
+                                   bounds="[1, inf)")
 
     def validate(self, root) -> None:
         if len(self.lrs) != len(self.tau_schedule):
@@ -182,7 +198,7 @@ class IterativeSFTConfig:
 @dataclass
 class RLMetricsConfig:
     reasoning_words: list[str] = field_(factory=lambda: ["Wait", "Alternatively", "Hmm"], help="critical-token entropy words")
-    entropy_threshold: float = field_(6.8, "high-entropy token threshold in nats (R1V3: 6.8)")
+    entropy_threshold: float = field_(6.8, "high-entropy token threshold in nats (R1V3: 6.8)", bounds="[0, inf)")
     hallucination_phrases: list[str] = field_(
         factory=lambda: ["can't see the image", "cannot see the image", "can not see the image", "unable to see the image",
                          "no image", "image is not provided", "image was not provided", "don't have access to the image"],

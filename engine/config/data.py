@@ -15,7 +15,8 @@ from engine.config.base import ConfigError, field_
 @dataclass
 class DataConfig:
     train_path: str = field_("", "JSONL training file (images are paths relative to it)")
-    max_samples: int = field_(0, "use only the first N samples of train_path (0 = all): a small prompt pool, a debug run")
+    max_samples: int = field_(0, "use only the first N samples of train_path (0 = all): a small prompt pool, a debug run",
+                              bounds="[0, inf)")
     valid_path: str = field_("", "optional JSONL validation file, same format as train_path")
     format: Literal["sft", "preference", "rl"] = field_(
         "sft", "sample format: sft conversations, preference (MPO) pairs, or rl prompts with gold answers"
@@ -30,13 +31,14 @@ class DataConfig:
     dali_device: Literal["auto", "cpu", "gpu"] = field_(
         "auto", "DALI decoder placement: gpu = 'mixed' decoder, cpu = host decoder, auto = gpu when CUDA is present"
     )
-    tile_size: int = field_(448, "tile side in pixels; must equal model.vision.image_size")
-    min_tiles: int = field_(1, "fewest tiles per image in dynamic tiling (InternVL default 1)")
-    max_tiles: int = field_(12, "most tiles per image in dynamic tiling (InternVL default 12)")
+    tile_size: int = field_(448, "tile side in pixels; must equal model.vision.image_size", bounds="[1, inf)")
+    min_tiles: int = field_(1, "fewest tiles per image in dynamic tiling (InternVL default 1)", bounds="[1, 64]")
+    # 64 tiles x 256 tokens = 16k image tokens per image: beyond any recipe we run
+    max_tiles: int = field_(12, "most tiles per image in dynamic tiling (InternVL default 12)", bounds="[1, 64]")
     thumbnail: bool = field_(True, "add a whole-image thumbnail tile when an image has more than one tile")
     max_image_pixels: int = field_(
-        100_000_000, "images with more pixels are errors (decompression-bomb guard; 20000x5000 = 1e8)"
-    )
+        100_000_000, "images with more pixels are errors (decompression-bomb guard; 20000x5000 = 1e8)",
+        bounds="[1, inf)")
     on_error: Literal["raise", "skip"] = field_(
         "raise", "bad sample/image: raise with file:line, or skip it (skips are counted by reason and logged)"
     )
@@ -44,37 +46,30 @@ class DataConfig:
         False, "cut samples longer than train.seq_length (only in text after the last image); false = error"
     )
     packing: bool = field_(True, "pack several samples per row (first-fit-decreasing); false = one sample per row")
-    pack_window: int = field_(512, "samples looked at together by the packer (bigger packs tighter, costs memory)")
+    pack_window: int = field_(512, "samples looked at together by the packer (bigger packs tighter, costs memory)",
+                              bounds="[1, inf)")
     shuffle: bool = field_(True, "shuffle the sample order each epoch")
-    seed: int = field_(1234, "shuffle seed; the order of epoch e uses seed + e")
-    num_workers: int = field_(0, "DataLoader worker processes that decode images (0 = in the main process)")
-    prefetch_factor: int = field_(2, "micro-batches each worker prepares ahead (only with num_workers > 0)")
+    seed: int = field_(1234, "shuffle seed; the order of epoch e uses seed + e", bounds="[0, inf)")
+    num_workers: int = field_(0, "DataLoader worker processes that decode images (0 = in the main process)",
+                              bounds="[0, inf)")
+    prefetch_factor: int = field_(2, "micro-batches each worker prepares ahead (only with num_workers > 0)",
+                                  bounds="[1, inf)")
 
     def validate(self, root) -> None:
         vision = root.model.vision
-        if self.max_samples < 0:
-            raise ConfigError(f"data.max_samples={self.max_samples} must be >= 0 (0 = the whole file)")
         if self.tile_size != vision.image_size:
             raise ConfigError(
                 f"data.tile_size={self.tile_size} differs from model.vision.image_size={vision.image_size}; "
                 "set them equal (tiles are what the vision encoder sees)"
             )
-        if self.tile_size <= 0 or self.tile_size % vision.patch_size:
+        if self.tile_size % vision.patch_size:
             raise ConfigError(
                 f"data.tile_size={self.tile_size} must be a positive multiple of model.vision.patch_size={vision.patch_size}"
             )
-        if not 1 <= self.min_tiles <= self.max_tiles:
+        if self.min_tiles > self.max_tiles:
             raise ConfigError(
                 f"data.min_tiles={self.min_tiles}, data.max_tiles={self.max_tiles}: need 1 <= min_tiles <= max_tiles"
             )
-        if self.max_tiles > 64:  # 64 tiles x 256 tokens = 16k image tokens: beyond any recipe we run
-            raise ConfigError(f"data.max_tiles={self.max_tiles} is larger than 64; lower it")
-        if self.max_image_pixels <= 0:
-            raise ConfigError("data.max_image_pixels must be > 0")
-        if self.pack_window < 1:
-            raise ConfigError("data.pack_window must be >= 1")
-        if self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ConfigError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
         if self.format != "sft" and self.packing:
             # Preference rows come in chosen/rejected pairs and RL prompts are generated from; neither packs.
             raise ConfigError(f"data.packing=true is only for data.format=sft (got {self.format}); set data.packing=false")

@@ -12,22 +12,22 @@ from engine.config.base import ConfigError, field_
 class VisionConfig:
     """InternViT-style encoder. Defaults: InternViT-300M-448px-V2.5 shapes."""
 
-    image_size: int = field_(448, "tile side in pixels")
-    patch_size: int = field_(14, "conv patch size (kernel = stride)")
-    num_channels: int = field_(3, "input channels")
-    hidden_size: int = field_(1024, "embedding width")
-    ffn_hidden_size: int = field_(4096, "MLP inner width")
-    num_layers: int = field_(24, "transformer blocks")
-    num_attention_heads: int = field_(16, "attention heads of the checkpoint")
+    image_size: int = field_(448, "tile side in pixels", bounds="[1, inf)")
+    patch_size: int = field_(14, "conv patch size (kernel = stride)", bounds="[1, inf)")
+    num_channels: int = field_(3, "input channels", bounds="[1, inf)")
+    hidden_size: int = field_(1024, "embedding width", bounds="[1, inf)")
+    ffn_hidden_size: int = field_(4096, "MLP inner width", bounds="[1, inf)")
+    num_layers: int = field_(24, "transformer blocks", bounds="[1, inf)")
+    num_attention_heads: int = field_(16, "attention heads of the checkpoint", bounds="[1, inf)")
     padded_num_heads: int = field_(
-        0, "build this many heads, the extra ones all-zero, so TP divides them (InternViT-6B: 25 -> 32 for TP=8); 0 = none"
-    )
+        0, "build this many heads, the extra ones all-zero, so TP divides them (InternViT-6B: 25 -> 32 for TP=8); 0 = none",
+        bounds="[0, inf)")
     norm_type: Literal["layer_norm", "rms_norm"] = field_("layer_norm", "block norm (InternViT-6B: rms_norm)")
-    norm_eps: float = field_(1e-6, "norm epsilon")
+    norm_eps: float = field_(1e-6, "norm epsilon", bounds="(0, 1)")
     qk_norm: bool = field_(False, "RMSNorm over the full q and k width (InternViT-6B: true)")
     qkv_bias: bool = field_(True, "bias on q/k/v projections (InternViT-6B: false)")
-    layer_scale_init: float = field_(0.1, "initial value of the ls1/ls2 (lambda) layer scales")
-    select_layer: int = field_(-1, "which block's output feeds the connector (-1 = last)")
+    layer_scale_init: float = field_(0.1, "initial value of the ls1/ls2 (lambda) layer scales", bounds="(-inf, inf)")
+    select_layer: int = field_(-1, "which block's output feeds the connector (-1 = last)", bounds="(-inf, inf)")
     freeze: bool = field_(False, "keep the encoder's weights fixed")
 
     @property
@@ -70,8 +70,9 @@ class VisionConfig:
 class ProjectorConfig:
     """InternVL connector: pixel shuffle -> LayerNorm -> Linear -> GELU -> Linear."""
 
-    downsample_ratio: float = field_(0.5, "pixel-shuffle ratio (0.5: 2x2 patches -> 1 token, width x4)")
-    norm_eps: float = field_(1e-5, "LayerNorm epsilon (torch default, as in InternVL's mlp1)")
+    downsample_ratio: float = field_(0.5, "pixel-shuffle ratio (0.5: 2x2 patches -> 1 token, width x4)",
+                                     bounds="(0, 1]")
+    norm_eps: float = field_(1e-5, "LayerNorm epsilon (torch default, as in InternVL's mlp1)", bounds="(0, 1)")
     freeze: bool = field_(False, "keep the connector's weights fixed")
 
     def validate(self, root) -> None:
@@ -88,23 +89,24 @@ class ProjectorConfig:
 class LLMConfig:
     """Qwen2-style decoder. Defaults: Qwen2.5-0.5B shapes."""
 
-    vocab_size: int = field_(151936, "tokenizer vocabulary (padded for TP at build time)")
-    hidden_size: int = field_(896, "model width")
-    ffn_hidden_size: int = field_(4864, "SwiGLU inner width")
-    num_layers: int = field_(24, "decoder layers")
-    num_attention_heads: int = field_(14, "query heads")
-    num_query_groups: int = field_(2, "key/value heads (GQA)")
-    rope_theta: float = field_(1_000_000.0, "RoPE base")
-    max_position_embeddings: int = field_(32768, "longest sequence RoPE is built for")
+    vocab_size: int = field_(151936, "tokenizer vocabulary (padded for TP at build time)", bounds="[1, inf)")
+    hidden_size: int = field_(896, "model width", bounds="[1, inf)")
+    ffn_hidden_size: int = field_(4864, "SwiGLU inner width", bounds="[1, inf)")
+    num_layers: int = field_(24, "decoder layers", bounds="[1, inf)")
+    num_attention_heads: int = field_(14, "query heads", bounds="[1, inf)")
+    num_query_groups: int = field_(2, "key/value heads (GQA)", bounds="[1, inf)")
+    rope_theta: float = field_(1_000_000.0, "RoPE base", bounds="(0, inf)")
+    max_position_embeddings: int = field_(32768, "longest sequence RoPE is built for", bounds="[1, inf)")
     rope_scaling: Literal["none", "dynamic"] = field_(
         "none", "RoPE scaling of the source model; 'dynamic' (dynamic NTK, InternVL3) is plain RoPE up to "
         "max_position_embeddings, so it trains as plain RoPE there and is kept for exports (docs/checkpoints.md)"
     )
-    rope_scaling_factor: float = field_(1.0, "the scaling's factor (InternVL3: 2.0); 1.0 without a scaling")
-    norm_eps: float = field_(1e-6, "RMSNorm epsilon")
+    rope_scaling_factor: float = field_(1.0, "the scaling's factor (InternVL3: 2.0); 1.0 without a scaling",
+                                        bounds="[1, inf)")
+    norm_eps: float = field_(1e-6, "RMSNorm epsilon", bounds="(0, 1)")
     qkv_bias: bool = field_(True, "bias on q/k/v (Qwen2: true)")
     tie_embeddings: bool = field_(False, "share input embedding and output layer")
-    make_vocab_size_divisible_by: int = field_(128, "vocab is padded to a multiple of this x TP")
+    make_vocab_size_divisible_by: int = field_(128, "vocab is padded to a multiple of this x TP", bounds="[1, inf)")
     freeze: bool = field_(False, "keep the LLM's weights fixed")
 
     def padded_vocab_size(self, tp: int) -> int:
@@ -160,7 +162,7 @@ class ModelConfig:
     vision: VisionConfig = field_(factory=VisionConfig, help="vision encoder")
     projector: ProjectorConfig = field_(factory=ProjectorConfig, help="connector")
     llm: LLMConfig = field_(factory=LLMConfig, help="language model")
-    image_token_id: int = field_(151667, "id of <IMG_CONTEXT>, the per-embedding image placeholder")
+    image_token_id: int = field_(151667, "id of <IMG_CONTEXT>, the per-embedding image placeholder", bounds="[0, inf)")
     transformer_impl: Literal["auto", "local", "transformer_engine"] = field_(
         "auto", "layer spec: Transformer Engine when importable (auto), or megatron's local spec"
     )

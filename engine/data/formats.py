@@ -17,6 +17,7 @@ and no `<image>` gets them in front of the first user turn (InternVL's behaviour
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from engine.data.errors import DataError
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 RL_TYPES = ("free-form", "multiple-choice")
+_PLAIN_WORDS = re.compile(r"^[^\W\d_]+(?:[ '-][^\W\d_]+)*$")  # "north", "right angle": the reward compares text
 
 
 @dataclass
@@ -123,6 +125,36 @@ def _check_placeholders(sample: Sample) -> None:
         )
 
 
+def _check_gold(answer: str, where: str) -> None:
+    """A gold answer the reward cannot read would score every response 0. The rule reward compares a
+    multiple-choice letter as a letter, then the text, then math-verify on `wrap_math(gold)`. Choice letters
+    and plain words (compared as text) pass; anything else that math-verify, the reward's own parser, reads
+    as no expression at all (e.g. `\\frac{1}{`, `x^`) is refused here."""
+    import threading
+
+    from engine.rl.answer_extraction import is_choice_gold
+    from engine.rl.math_check import wrap_math
+
+    if is_choice_gold(answer) or _PLAIN_WORDS.match(answer.strip()):
+        return
+    import logging
+
+    from math_verify import parse
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # math-verify bounds its time with signal.alarm, which only the main thread may use
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        parsed = parse(wrap_math(answer), parsing_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - any parser failure means the reward cannot use this gold
+        parsed, why = [], f"{type(e).__name__}: {e}"
+    else:
+        why = "no expression"
+    if not any(not isinstance(p, str) for p in parsed):
+        raise DataError("unparsable_answer", f"the gold 'answer' {answer!r} does not parse as math ({why}), so every "
+                        "response would score 0; fix it (a number, a LaTeX expression, or a choice letter)", where)
+
+
 def _sample_id(obj: dict, where: str) -> str:
     sid = obj.get("id")
     if sid is None:
@@ -180,6 +212,7 @@ def parse_sample(obj: dict, fmt: str, base: Path, where: str) -> Sample:
         if not isinstance(answer, str) or not answer.strip():
             raise DataError("bad_field", f"'answer' (the gold answer) must be a non-empty string, got {answer!r}", where)
         sample.answer = answer
+        _check_gold(answer, where)
         sample.answer_type = obj.get("type", "free-form")
         if sample.answer_type not in RL_TYPES:
             raise DataError("bad_field", f"'type' must be one of {list(RL_TYPES)}, got {sample.answer_type!r}", where)

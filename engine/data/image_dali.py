@@ -1,9 +1,10 @@
 """NVIDIA DALI implementation of InternVL dynamic tiling (same contract as `PilImagePipeline`).
 
 Per image the host reads the header (shared `probe`), picks the grid with the shared InternVL rule and
-checks the file is not truncated; DALI then decodes ("mixed" = nvJPEG on a GPU, host decoder on CPU),
-resizes to (cols*T, rows*T) and to the T x T thumbnail with a cubic, antialiased filter, and normalises
-to float CHW. Cutting the resized image into tiles is a view/permute in torch.
+checks the file's structure and, for formats DALI decodes itself, that PIL's decoder accepts it (shared
+`check_decodes`: DALI's CPU decoder turns damaged JPEG data into garbage instead of failing). DALI then
+decodes ("mixed" = nvJPEG on a GPU, host decoder on CPU), resizes to (cols*T, rows*T) and to the T x T
+thumbnail with a cubic, antialiased filter, and normalises to float CHW. Cutting the resized image into tiles is a view/permute in torch.
 
 Files whose pixel mode DALI does not decode like PIL (CMYK, 16-bit, palette, alpha, bilevel) are
 converted once on the host with the shared `decode_rgb` and handed to DALI as lossless PNG, so both
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 
 from engine.data.errors import DataError
-from engine.data.images import IMAGENET_MEAN, IMAGENET_STD, TiledImage, TileSpec, decode_rgb, grid_to_tiles, read_checked
+from engine.data.image_common import (IMAGENET_MEAN, IMAGENET_STD, TiledImage, TileSpec, check_decodes, decode_rgb,
+                                      grid_to_tiles, read_checked)
 
 # DALI decodes these natively with the same result as PIL's convert("RGB") (checked in the parity test).
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L"), ("BMP", "RGB")}
@@ -90,6 +92,8 @@ class DaliImagePipeline:
             buf = io.BytesIO()
             decode_rgb(data, info).save(buf, format="PNG", compress_level=1)  # lossless hand-over to DALI
             data = buf.getvalue()
+        else:
+            check_decodes(data, info)  # DALI's host decoder turns damaged JPEG data into garbage pixels
         return np.frombuffer(data, dtype=np.uint8), info.grid(self.spec)
 
     def _assemble(self, full: torch.Tensor, thumb: torch.Tensor, grid: tuple[int, int]) -> TiledImage:

@@ -7,6 +7,12 @@ decode and tile the images and collate. The state after each yielded micro-batch
 (sampler state at the window's start, micro-batches done in the window): the window is re-planned
 identically on resume, so the next micro-batch is exactly the one that would have come.
 
+Skipped samples (data.on_error=skip) are counted when the micro-batch they would have been in is
+returned: samples dropped while planning a window count with its first micro-batch, samples whose images
+fail to decode with their own. So `skips` is exact at every position, also after a resume mid-window.
+An epoch of this rank's shard in which no sample could be used (planned or decoded) is an error naming
+the file.
+
 Notes: the last micro-batch of a window is filled up with empty rows (all padding, loss_mask 0) so
 every micro-batch has the same shape. DP ranks pack their own shards, so they may reach epoch ends at
 different steps; the iterator never ends.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +54,8 @@ class DataContext:
     image_pipeline: str
     dali_device: str
     on_error: str
-    filtered: dict[str, int] = field(default_factory=dict)  # samples left out by policy, by reason (counted)
+    filtered: dict[str, int] = field(default_factory=dict)  # samples left out by policy, by reason (whole file)
+    path: str = ""  # the JSONL file, for messages
 
     def make_pipeline(self):
         return build_image_pipeline(self.image_pipeline, self.spec, self.dali_device)
@@ -93,25 +101,28 @@ def build_data_context(cfg, path: str | Path | None = None, fmt: str | None = No
         source.keep_only(keep)
     planner = Planner(source, template, spec, cfg.train.seq_length, tok.image_token_id, d.truncate)
     return DataContext(tok, template, spec, planner, cfg.train.seq_length, cfg.model.tokens_per_tile,
-                       tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error, filtered)
+                       tok.image_token_id, d.image_pipeline, d.dali_device, d.on_error, filtered, str(path))
 
 
 @dataclass
 class _Marker:
-    """Last element of every planned micro-batch: its shape and the iterator state after it."""
+    """Last element of every planned micro-batch: its shape, the iterator state after it, and the samples
+    dropped while planning that are counted with it (by reason)."""
 
     num_rows: int
     state: dict
+    plan_skips: dict = field(default_factory=dict)
 
 
 class MicroBatchPlans:
     """The DataLoader's batch_sampler: yields lists of PlannedSample (+ a _Marker)."""
 
     def __init__(self, ctx: DataContext, sampler: ShardedSampler, rows_per_batch: int, packing: bool,
-                 pack_window: int, skips: SkipCounter):
+                 pack_window: int):
         self.ctx, self.sampler = ctx, sampler
         self.rows_per_batch, self.packing, self.pack_window = rows_per_batch, packing, pack_window
-        self.skips = skips
+        self.planned_skips = SkipCounter()  # every sample dropped while planning (logs the first of each reason)
+        self.pending = Counter()  # dropped while planning, not yet counted with a returned micro-batch
         self.done_in_window = 0  # micro-batches of the window at the sampler's state already consumed
 
     def _plan_window(self, indices) -> list[PlannedSample]:
@@ -120,7 +131,8 @@ class MicroBatchPlans:
             try:
                 plans.append(self.ctx.planner.plan(int(i)))
             except DataError as e:
-                handle(e, self.ctx.on_error, self.skips)
+                handle(e, self.ctx.on_error, self.planned_skips)
+                self.pending[e.reason] += 1
         return plans
 
     def _rows(self, plans: list[PlannedSample]) -> list[list[PlannedSample]]:
@@ -138,12 +150,15 @@ class MicroBatchPlans:
             usable_in_epoch += len(plans)
             if self.sampler.epoch != epoch:  # that window ended the epoch
                 if usable_in_epoch == 0:
-                    raise DataError("no_valid_samples", f"every sample of this rank's shard of epoch {epoch} was skipped "
-                                    f"({self.skips.summary()}); fix the data (tools/inspect_data.py shows why)")
+                    raise DataError("no_valid_samples", f"every sample of this rank's shard of {self.ctx.path} in "
+                                    f"epoch {epoch} was skipped ({self.planned_skips.summary()}); fix the data "
+                                    "(tools/inspect_data.py shows why)")
                 usable_in_epoch = 0
             rows = self._rows(plans)
             batches = [rows[s : s + self.rows_per_batch] for s in range(0, len(rows), self.rows_per_batch)]
             skip, self.done_in_window = self.done_in_window, 0
+            if skip:  # resumed inside this window: its planning skips were counted before the checkpoint
+                self.pending.clear()
             for m, batch in enumerate(batches):
                 if m < skip:
                     continue
@@ -152,7 +167,9 @@ class MicroBatchPlans:
                     for p in row:
                         p.row = r
                         items.append(p)
-                yield items + [_Marker(self.rows_per_batch, {"sampler": window_state, "done_in_window": m + 1})]
+                state = {"sampler": window_state, "done_in_window": m + 1}
+                counted, self.pending = dict(self.pending), Counter()
+                yield items + [_Marker(self.rows_per_batch, state, counted)]
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
@@ -168,11 +185,13 @@ def _collate(items: list, kind: str, ctx_args: dict):
     marker: _Marker = items[-1]
     rows: list[list[LoadedSample]] = [[] for _ in range(marker.num_rows)]
     skips: list[tuple[str, str]] = []  # (reason, message) of samples whose images failed in this worker
+    loaded = 0
     for it in items[:-1]:
         if isinstance(it, Failed):
             skips.append((it.error.reason, str(it.error)))
             continue
         rows[it.planned.row].append(it)
+        loaded += 1
     a = ctx_args
     if kind == "sft":
         batch = collate_sft(rows, a["seq_length"], a["pad_id"], a["tokens_per_tile"], a["image_token_id"], a["tile_size"])
@@ -184,6 +203,8 @@ def _collate(items: list, kind: str, ctx_args: dict):
         batch = collate_rl([r[0] for r in rows if r], a["pad_id"], a["tile_size"])
     batch["_state"] = marker.state
     batch["_skips"] = skips
+    batch["_plan_skips"] = marker.plan_skips
+    batch["_loaded"] = loaded
     return batch
 
 
@@ -191,7 +212,10 @@ class DataIterator:
     """Endless iterator of micro-batch dicts with state_dict()/load_state_dict() (call before iterating)."""
 
     def __init__(self, ctx: DataContext, plans: MicroBatchPlans, kind: str, num_workers: int, prefetch_factor: int):
-        self.ctx, self.plans, self.skips = ctx, plans, plans.skips
+        self.ctx, self.plans = ctx, plans
+        self.skips = SkipCounter()  # samples skipped in the micro-batches returned so far, by reason
+        self._epoch, self._loaded_in_epoch = None, 0  # to notice an epoch in which no sample could be loaded
+        self._partial_epoch = False  # resumed inside an epoch: its first part was loaded before the checkpoint
         args = dict(seq_length=ctx.seq_length, pad_id=ctx.tokenizer.pad_id, tokens_per_tile=ctx.tokens_per_tile,
                     image_token_id=ctx.image_token_id, tile_size=ctx.spec.tile_size)
         factory = functools.partial(build_image_pipeline, ctx.image_pipeline, ctx.spec, ctx.dali_device)
@@ -216,10 +240,25 @@ class DataIterator:
         if self._it is None:
             self._it = iter(self.loader)
         batch = next(self._it)
+        self._check_epoch(batch["_state"]["sampler"]["epoch"])
         self._state = batch.pop("_state")
+        self.skips.merge(batch.pop("_plan_skips"))
         for reason, message in batch.pop("_skips"):
             self.skips.add(DataError(reason, message))
+        self._loaded_in_epoch += batch.pop("_loaded")
         return batch
+
+    def _check_epoch(self, epoch: int) -> None:
+        """At the first micro-batch of a new epoch: DataError when the whole previous epoch of this rank's shard gave
+        no usable sample (e.g. every image fails to decode with data.on_error=skip), which would only give
+        empty steps."""
+        if epoch != self._epoch:
+            if self._epoch is not None and self._loaded_in_epoch == 0 and not self._partial_epoch:
+                raise DataError("no_valid_samples", f"no sample of this rank's shard of {self.ctx.path} could be "
+                                f"loaded in epoch {self._epoch} (skipped: {self.skips.summary()}); fix the data "
+                                "(tools/inspect_data.py shows why)")
+            self._partial_epoch = self._epoch is None and self._partial_epoch
+            self._epoch, self._loaded_in_epoch = epoch, 0
 
     def state_dict(self) -> dict:
         """Position after the last micro-batch returned by next()."""
@@ -229,6 +268,7 @@ class DataIterator:
         if self._it is not None:
             raise RuntimeError("load_state_dict must be called before the first next()")
         self.plans.load_state(state)
+        self._partial_epoch = True
         self._state = {"sampler": dict(state["sampler"]), "done_in_window": int(state["done_in_window"])}
 
 
@@ -243,9 +283,7 @@ def build_train_iterator(cfg, dp_rank: int = 0, dp_size: int = 1, path: str | Pa
     rows = cfg.train.micro_batch_size
     packing = d.packing and d.format == "sft"
     window = d.pack_window if packing else -(-d.pack_window // rows) * rows  # unpacked: whole micro-batches per window
-    skips = SkipCounter()
-    skips.merge(ctx.filtered)  # in the run's data_skipped metric
-    plans = MicroBatchPlans(ctx, sampler, rows, packing, window, skips)
+    plans = MicroBatchPlans(ctx, sampler, rows, packing, window)
     it = DataIterator(ctx, plans, d.format, d.num_workers, d.prefetch_factor)
     if state is not None:
         it.load_state_dict(state)
@@ -261,7 +299,7 @@ def build_rl_prompt_iterator(cfg, batch_size: int, dp_rank: int = 0, dp_size: in
     ctx = build_data_context(cfg, path)
     sampler = ShardedSampler(len(ctx.planner.source), dp_rank, dp_size, d.seed, d.shuffle)
     window = -(-d.pack_window // batch_size) * batch_size  # whole batches per window
-    plans = MicroBatchPlans(ctx, sampler, batch_size, False, window, SkipCounter())
+    plans = MicroBatchPlans(ctx, sampler, batch_size, False, window)
     it = DataIterator(ctx, plans, "rl", d.num_workers, d.prefetch_factor)
     if state is not None:
         it.load_state_dict(state)

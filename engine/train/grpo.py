@@ -400,6 +400,7 @@ class GRPOTrainer(Trainer):
             "rollout_time_s": t_rollout, "train_time_s": t_train, "step_time_s": time.perf_counter() - t_start,
             "weight_push_s": float(push.get("seconds", push.get("push_s", float("nan")))) if isinstance(push, dict) else None,
             "samples": len(samples) * self.dp_size, "truncated_at_image_token": self.truncated_at_image_token,
+            "data_skipped": self.data_skipped(),  # collective: every DP rank's skips, kept across resumes
         })
         if self.prompt_filter is not None:  # summed over DP ranks: prompts skipped so far, exhausted now
             skipped_total, exhausted = self._global_sum([

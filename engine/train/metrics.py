@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -27,11 +30,24 @@ class MetricsWriter:
         self._bar_args = dict(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines a killed run wrote after its last checkpoint (they are redone)."""
+        """On resume, drop lines a killed run wrote after its last checkpoint (they are redone). A line that is
+        not JSON (the half-written last line of a killed run) is dropped with a warning."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, torn = [], []
+        for lineno, line in enumerate(self.path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                torn.append(lineno)
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        if torn:
+            log.warning("%s: dropped %d line(s) that are not JSON (line %s; the half-written last line of a killed "
+                        "run)", self.path, len(torn), ", ".join(map(str, torn)))
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:

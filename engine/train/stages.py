@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 
-def run_stage(cfg, resume: str | None = None) -> int:
+def run_stage(cfg, resume: str | None = None, overwrite: bool = False) -> int:
+    """`resume`: None (a new run; refused in a run dir that holds another run unless `overwrite`), "auto" or a
+    checkpoint path."""
+    from engine.train.run_dir import prepare_run_dir
+
+    prepare_run_dir(cfg.train.run_dir, resume, overwrite)
     stage = cfg.train.stage
     if stage in ("sft", "align", "connector"):
         from engine.train.trainer import run

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from collections import Counter
 
 import psutil
 import torch
@@ -35,6 +36,8 @@ class Trainer:
         from engine.parallel.wrap import wrap_ddp
 
         self.cfg = cfg
+        self._stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)  # from the start: a SIGTERM while building is not lost
         self.pg = initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)
@@ -46,35 +49,55 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
         self.empty_steps = 0  # steps skipped because no rank had a learned token
-        self._stop_requested = False
+        self.skips_carried: dict[str, int] = {}  # data_skipped of the run before its last resume (all DP ranks)
         self._metric_keys = None
 
-        resume_path = None
-        if resume:
-            ckpt.clean_partial(cfg.train.run_dir)
-            resume_path = ckpt.latest_checkpoint(cfg.train.run_dir) if resume == "auto" else ckpt.Path(resume)
+        resume_path = self._resume_checkpoint(resume)
         if resume_path is None and cfg.train.init_from:
-            meta = ckpt.load_model_only(ckpt.resolve_checkpoint(cfg.train.init_from), self.model)
+            meta = ckpt.load_model_only(ckpt.resolve_checkpoint(cfg.train.init_from), self.model, cfg.model,
+                                        cfg.train.init_from_allow)
             self._notice(f"initialised from {cfg.train.init_from} (step {meta.get('step', '?')})")
         self.setup_stage(resuming=resume_path is not None)
-
-        data_state = None
-        if resume_path is not None:
-            meta, trainer_state = ckpt.load_checkpoint(resume_path, self.model, self.optimizer)
-            self.step = int(meta["step"])
-            self.skipped_steps = int(trainer_state.get("skipped_steps", 0))
-            self.empty_steps = int(trainer_state.get("empty_steps", 0))
-            self.load_extra_state(trainer_state.get("extra", {}))
-            same_dp = meta.get("dp_size") == self.dp_size
-            data_state = trainer_state.get("data") if same_dp else None
-            if not same_dp:
-                self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
-                             "the data order restarts from the beginning of the file")
+        data_state = self._restore(resume_path) if resume_path is not None else None
         self.data = self.build_data(data_state)
         self.metrics = MetricsWriter(cfg.train.run_dir, cfg.train.max_steps, start_step=self.step,
                                      enabled=self.rank == 0)
         self._peak_flops = device_peak_flops()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ------------------------------------------------------------------ resume
+    def _layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"world_size": dist.get_world_size(), "tensor_model_parallel_size": p.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": p.pipeline_model_parallel_size}
+
+    def _resume_checkpoint(self, resume: str | None):
+        if not resume:
+            return None
+        ckpt.clean_partial(self.cfg.train.run_dir)
+        return ckpt.resume_checkpoint(self.cfg.train.run_dir, resume)
+
+    def _restore(self, path) -> dict | None:
+        """Model, optimizer, counters, per-rank state from a checkpoint; returns this rank's data position or None."""
+        meta, rank_state = ckpt.load_checkpoint(path, self.model, self.optimizer, self._layout())
+        self.step = int(meta["step"])
+        counters = meta.get("counters") or rank_state or {}  # older checkpoints kept the counters per rank
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.empty_steps = int(counters.get("empty_steps", 0))
+        self.skips_carried = {k: int(v) for k, v in (counters.get("data_skipped") or {}).items()}
+        if rank_state is None:
+            old = meta.get("layout") or {"world_size": meta.get("world_size")}
+            self._notice(f"resumed into another layout ({self._layout()}; checkpoint: {old}): RNG states are not "
+                         "restored (this run's seeding), stage state (e.g. a sample buffer) comes from rank 0's file")
+            rank_state = ckpt.load_trainer_state(path / "trainer" / "rank00000.pt")
+        self.load_extra_state(rank_state.get("extra", {}))
+        if meta.get("dp_size") != self.dp_size:
+            self._notice(f"resumed at data-parallel size {self.dp_size} (checkpoint: {meta.get('dp_size')}): "
+                         "the data order restarts from the beginning of the file")
+            return None
+        positions = meta.get("data_positions")
+        if positions is not None:
+            return positions[self.dp_rank]
+        return rank_state.get("data")  # older checkpoints: this rank's own file (same layout)
 
     # ------------------------------------------------------------------ helpers
     def _notice(self, text: str) -> None:
@@ -202,9 +225,25 @@ class Trainer:
             "mfu": (flops / dt / world / self._peak_flops) if self._peak_flops else None,
             "memory_gb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                           else psutil.Process().memory_info().rss) / 2**30,
-            "data_skipped": dict(self.data.skips.counts) if hasattr(self.data.skips, "counts") else {},
+            "data_skipped": self.data_skipped(),
         }
         return record
+
+    def _skips_since_start(self) -> dict[str, int]:
+        """Samples skipped by the data iterators of this process's run, summed over the data-parallel ranks."""
+        parts = [None] * self.dp_size
+        dist.all_gather_object(parts, dict(self.data.skips.counts), group=self.pg.dp)
+        total = Counter(self.skips_carried)
+        for part in parts:
+            total.update(part)
+        return dict(total)
+
+    def data_skipped(self) -> dict[str, int]:
+        """Collective. Samples skipped so far, by reason: every data-parallel rank's, kept across resumes, plus the
+        whole-file filters (e.g. below_pair_reward_gap, counted once)."""
+        total = Counter(self._skips_since_start())
+        total.update(getattr(self.data.ctx, "filtered", {}))
+        return dict(sorted(total.items()))
 
     def optimizer_step(self, loss: float, count: float) -> tuple[bool, float]:
         """The one optimizer-step path of every stage (SFT-like, MPO, each of GRPO's gradient steps), after the
@@ -281,12 +320,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def save(self) -> None:
+        """Collective. Per rank: RNG and stage state; for the run (meta.json): counters, skip counts and every DP
+        rank's data position (so a resume into another TP/PP layout at the same DP size continues exactly)."""
         c = self.cfg
+        positions = [None] * self.dp_size
+        dist.all_gather_object(positions, self.data.state_dict(), group=self.pg.dp)
+        counters = {"skipped_steps": self.skipped_steps, "empty_steps": self.empty_steps,
+                    "data_skipped": self._skips_since_start()}
         ckpt.save_checkpoint(
             c.train.run_dir, self.step, self.model, self.optimizer,
-            trainer_state={"data": self.data.state_dict(), "skipped_steps": self.skipped_steps,
-                           "empty_steps": self.empty_steps, "extra": self.extra_state()},
+            trainer_state={"extra": self.extra_state()},
             meta={"config": to_dict(c), "dp_size": self.dp_size, "world_size": dist.get_world_size(),
+                  "layout": self._layout(), "counters": counters, "data_positions": positions,
                   "tokenizer_path": c.data.tokenizer_path},
             keep=c.train.keep_checkpoints, score=self._selection_score(),
         )

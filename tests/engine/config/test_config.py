@@ -99,3 +99,60 @@ def test_fp8_settings_reach_megatron_when_transformer_engine_is_there(monkeypatc
                                      "fp8_amax_history_len": 16, "fp8_amax_compute_algo": "max"}
     with pytest.raises(ConfigError, match="needs model.params_dtype=bfloat16"):
         load_config(Path("recipes/r1v2_sft.yaml"), ["train.fp8=hybrid", "model.params_dtype=float32"])
+
+
+# ----------------------------------------------------------------------------------- value ranges (issue 13.9)
+@pytest.mark.parametrize("override,message", [
+    ("train.max_bad_steps=0", r"train.max_bad_steps=0 is outside the allowed range \[1, inf\)"),
+    ("train.log_interval=0", r"train.log_interval=0 is outside the allowed range \[1, inf\)"),
+    ("train.max_steps=-5", r"train.max_steps=-5 is outside the allowed range \[1, inf\)"),
+    ("optim.adam_beta1=2", r"optim.adam_beta1=2.0 is outside the allowed range \[0, 1\)"),
+    ("optim.lr=nan", r"optim.lr=nan is outside the allowed range \(0, inf\) \(NaN is never allowed\)"),
+    ("optim.lr=.inf", r"optim.lr=inf is outside the allowed range \(0, inf\)"),
+    ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 is outside"),
+    ("model.llm.rope_theta=0", r"model.llm.rope_theta=0.0 is outside the allowed range \(0, inf\)"),
+    ("algorithm.grpo.top_p=0", r"algorithm.grpo.top_p=0.0 is outside the allowed range \(0, 1\]"),
+    ("algorithm.iterative_sft.lrs=[1e-4, -1, 2e-5, 2e-5]", r"algorithm.iterative_sft.lrs\[1\]=-1.0 is outside"),
+    ("rollout.kv_cache_bytes=0", r"rollout.kv_cache_bytes=0 is outside"),
+])
+def test_numeric_values_outside_their_range_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_ends_are_allowed_where_the_interval_is_closed():
+    cfg = load_config(None, ["algorithm.decoding.ban_bias=-.inf", "optim.adam_beta1=0", "train.save_interval=0",
+                             "algorithm.grpo.dual_clip_c=null"])
+    assert cfg.algorithm.decoding.ban_bias == float("-inf") and cfg.algorithm.grpo.dual_clip_c is None
+
+
+def _numeric_fields(cls, where=""):
+    import dataclasses
+    from typing import get_type_hints
+
+    from engine.config.base import numeric_kind
+
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _numeric_fields(hints[f.name], path)
+        elif numeric_kind(hints[f.name]) is not None:
+            yield path, f
+
+
+def test_every_numeric_field_of_the_tree_declares_its_range():
+    from engine.config import Config
+
+    fields = list(_numeric_fields(Config))
+    assert len(fields) > 100  # the whole tree, not one section
+    missing = [path for path, f in fields if "bounds" not in f.metadata]
+    assert not missing, f"numeric config fields without bounds=...: {missing}"
+    # and every default lies in its own range
+    cfg = load_config(None, [])
+    for path, f in fields:
+        value = cfg
+        for part in path.split("."):
+            value = getattr(value, part)
+        for v in (value if isinstance(value, list) else [value]):
+            assert v is None or f.metadata["bounds"].contains(v), (path, v)

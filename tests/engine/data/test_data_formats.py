@@ -86,9 +86,9 @@ def test_skip_policy_counts_by_reason(tmp_path, demo_dir):
 def test_all_samples_bad_is_an_error_not_a_hang(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{x", "{y", {"id": "z"}])
     it = build_train_iterator(tiny_config(train_path=str(path), on_error="skip"))
-    with pytest.raises(DataError, match="every sample") as e:
+    with pytest.raises(DataError, match=f"every sample of this rank's shard of {path}") as e:
         next(it)
-    assert e.value.reason == "no_valid_samples" and it.skips.total == 3
+    assert e.value.reason == "no_valid_samples" and it.plans.planned_skips.total == 3
 
 
 def test_max_samples_cuts_the_training_file_only(tmp_path):
@@ -118,10 +118,36 @@ def test_pair_reward_gap_keeps_pairs_at_or_above_it_and_counts_the_rest(tmp_path
                        shuffle=False)
     it = build_train_iterator(mcfg)
     assert [it.ctx.planner.source[i].id for i in range(len(it.ctx.planner.source))] == ["p0", "p2", "p4"]
-    assert it.skips.counts["below_pair_reward_gap"] == 2
+    assert it.ctx.filtered["below_pair_reward_gap"] == 2  # a whole-file count: the trainer adds it once
     assert len(build_train_iterator(cfg).ctx.planner.source) == 5  # gap 0 (default): every pair
 
     write_jsonl(path, pairs[:2] + [{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError, match="pairs.jsonl:3") as e:
         build_train_iterator(mcfg)
     assert "chosen_score" in str(e.value)
+
+
+@pytest.mark.parametrize("gold", [r"\frac{1}{", "x^", r"\sqrt{2", r"\boxed{}", "{"])
+def test_a_gold_answer_the_reward_cannot_parse_is_refused_with_file_and_line(tmp_path, gold):
+    rows = [{"id": "ok", "prompt": "q", "answer": r"\frac{1}{2}"}, {"id": "bad", "prompt": "q", "answer": gold}]
+    path = write_jsonl(tmp_path / "rl.jsonl", rows)
+    src = SampleSource(path, "rl")
+    assert src[0].answer == r"\frac{1}{2}"
+    with pytest.raises(DataError, match=rf"rl.jsonl:2: the gold 'answer' .* does not parse as math") as e:
+        src[1]
+    assert e.value.reason == "unparsable_answer"
+
+
+@pytest.mark.parametrize("gold", ["42", "B", "(C)", r"\frac{32}{3}\pi", "3/4", "north", "right angle", r"60^\circ",
+                                  r"\text{red}", "1,000"])
+def test_gold_answers_the_reward_can_read_are_accepted(tmp_path, gold):
+    src = SampleSource(write_jsonl(tmp_path / "rl.jsonl", [{"id": "g", "prompt": "q", "answer": gold}]), "rl")
+    assert src[0].answer == gold
+
+
+def test_the_rule_reward_indeed_scores_everything_zero_against_such_a_gold():
+    """Why the loader refuses it: math-verify matches no response to it, the right one included."""
+    from engine.rl.math_check import verify_equivalent
+
+    assert not verify_equivalent(r"\frac{1}{2}", r"\frac{1}{")
+    assert verify_equivalent(r"\frac{1}{2}", "0.5")

@@ -151,3 +151,90 @@ def test_tiles_are_the_resized_image_in_row_major_order(kind, tmp_path):
     px = pixel_of(res)
     assert (px[0, :, 4:-4, 4:-4] - torch.tensor([255.0, 0, 0]).view(3, 1, 1)).abs().max() < 1.0
     assert (px[1, :, 4:-4, 4:-4] - torch.tensor([0.0, 0, 255]).view(3, 1, 1)).abs().max() < 1.0
+
+
+# ------------------------------------------------------------------ corrupted files: the same decision in both
+def _corrupt(data: bytes, kind: int, rng) -> bytes:
+    """One damage of five kinds, in the second half of the file (past the header), end marker kept."""
+    b, n = bytearray(data), len(data)
+    if kind == 0:  # bytes flipped
+        for pos in rng.integers(n // 4, n - 20, 10):
+            b[pos] ^= 0xFF
+    elif kind == 1:  # a block zeroed
+        s = int(rng.integers(n // 4, n // 2))
+        b[s : s + 1024] = bytes(len(b[s : s + 1024]))
+    elif kind == 2:  # a block of random bytes
+        s = int(rng.integers(n // 4, n // 2))
+        b[s : s + 512] = rng.integers(0, 256, len(b[s : s + 512]), dtype=np.uint8).tobytes()
+    elif kind == 3:  # one bit flipped
+        b[int(rng.integers(n // 3, n - 20))] ^= 1 << int(rng.integers(0, 8))
+    else:  # 300 bytes cut out of the middle
+        s = int(rng.integers(n // 4, n // 2))
+        del b[s : s + 300]
+    return bytes(b)
+
+
+@pytest.fixture(scope="module")
+def corrupted(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("corrupted")
+    rng = np.random.default_rng(0)
+    noisy = np.clip(np.asarray(smooth(200, 150), dtype=np.float64) + rng.normal(0, 20, (150, 200, 3)), 0, 255)
+    img = Image.fromarray(noisy.astype(np.uint8))  # noise: a realistic amount of entropy-coded data
+    clean = {}
+    for ext, kw in (("jpg", {"quality": 90}), ("png", {})):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG" if ext == "jpg" else "PNG", **kw)
+        clean[ext] = buf.getvalue()
+    out = {}
+    for ext, data in clean.items():
+        for k in range(30 if ext == "jpg" else 15):  # libjpeg fails on fewer kinds of damage than libpng
+            out[f"c{k:02d}.{ext}"] = d / f"c{k:02d}.{ext}"
+            out[f"c{k:02d}.{ext}"].write_bytes(_corrupt(data, k % 5, rng))
+        out[f"clean.{ext}"] = d / f"clean.{ext}"
+        out[f"clean.{ext}"].write_bytes(data)
+        # valid files with bytes after their end (EOI / IEND): decoders ignore them, so must we
+        out[f"trailing.{ext}"] = d / f"trailing.{ext}"
+        out[f"trailing.{ext}"].write_bytes(data + b"appended by some tool: not image data" * 8)
+    return out
+
+
+def test_both_pipelines_reject_the_same_corrupted_files(corrupted):
+    names = sorted(corrupted)
+    verdicts = {}
+    for kind in PIPELINES:
+        res = build_image_pipeline(kind, SPEC, "cpu").process([corrupted[n] for n in names])
+        verdicts[kind] = {n: (r.reason if isinstance(r, DataError) else "ok") for n, r in zip(names, res)}
+    assert verdicts["pil"] == verdicts["dali"]
+    jpg_rejected = [n for n in names if n.endswith(".jpg") and verdicts["pil"][n] != "ok"]
+    png_rejected = [n for n in names if n.endswith(".png") and verdicts["pil"][n] != "ok"]
+    assert len(jpg_rejected) >= 3 and len(png_rejected) >= 12, verdicts["pil"]
+    for ext in ("jpg", "png"):
+        assert verdicts["pil"][f"clean.{ext}"] == verdicts["pil"][f"trailing.{ext}"] == "ok"
+
+
+def test_dali_alone_would_decode_files_pil_rejects(corrupted):
+    """Why DALI needs the shared decode check: its CPU decoder returns pixels for damaged JPEG data."""
+    from engine.data.image_common import probe
+
+    dali = build_image_pipeline("dali", SPEC, "cpu")
+    pil = build_image_pipeline("pil", SPEC, "cpu")
+    rejected = [p for p, r in zip(corrupted.values(), pil.process(list(corrupted.values())))
+                if isinstance(r, DataError) and r.reason == "corrupt_image" and p.suffix == ".jpg"]
+    t = SPEC.tile_size
+    decoded = 0
+    for path in rejected:
+        cols, rows = probe(path, SPEC.max_pixels).grid(SPEC)
+        try:
+            dali._run([(np.frombuffer(path.read_bytes(), dtype=np.uint8), cols * t, rows * t)])
+            decoded += 1
+        except RuntimeError:
+            dali._pipe = None
+    assert decoded >= 1, "DALI's decoder rejects these by itself now: the shared check may be dropped"
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_bytes_after_the_end_of_an_image_change_nothing(corrupted, kind):
+    pipe = build_image_pipeline(kind, SPEC, "cpu")
+    for ext in ("jpg", "png"):
+        clean, trailing = pipe.process([corrupted[f"clean.{ext}"], corrupted[f"trailing.{ext}"]])
+        assert torch.equal(clean.pixel_values, trailing.pixel_values), ext

@@ -179,3 +179,58 @@ def test_select_rl_rows_regroups_rows_with_their_tiles(demo_dir):
         n = len(src["prompt_ids"][row])
         assert out["tokens"][k, :n].tolist() == src["prompt_ids"][row] and (out["tokens"][k, n:] == -7).all()
         assert torch.equal(tiles(out, k), tiles(src, row)) and int(out["prompt_lengths"][k]) == n
+
+
+def _mixed_set(demo_dir, tmp_path, bad_every: int):
+    """The demo set with every `bad_every`-th sample broken: half at planning (bad JSON field), half at decode
+    (an image whose header is fine and whose pixel data is destroyed)."""
+    from data_testutils import write_jsonl
+
+    good_png = next((demo_dir / "images").glob("*.png")).read_bytes()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good_png[:100] + bytes(len(good_png) - 112) + good_png[-12:])  # IDAT zeroed, IEND kept
+    rows = []
+    for k, line in enumerate((demo_dir / "sft.jsonl").read_text().splitlines()):
+        row = json.loads(line)
+        row["image"] = str(demo_dir / row["image"])
+        if k % bad_every == 0:
+            row["image"] = str(broken)
+        elif k % bad_every == 1:
+            row["conversations"] = []
+        rows.append(row)
+    return write_jsonl(tmp_path / "mixed.jsonl", rows)
+
+
+def test_skip_counts_are_exact_at_every_position_and_after_a_resume(demo_dir, tmp_path):
+    """Skips count with the micro-batch they fall in (planning skips with the window's first one), so a state
+    saved mid-window and resumed gives the same totals as an uninterrupted run: nothing counted twice."""
+    cfg = sft_cfg(demo_dir, train_path=str(_mixed_set(demo_dir, tmp_path, 5)), on_error="skip", shuffle=False)
+    it = build_train_iterator(cfg)
+    totals = []
+    for _ in range(12):
+        next(it)
+        totals.append(dict(it.skips.counts))
+    assert totals[-1]["bad_field"] > 0 and totals[-1]["corrupt_image"] > 0
+    head = build_train_iterator(cfg)
+    for _ in range(4):
+        next(head)
+    carried, state = dict(head.skips.counts), json.loads(json.dumps(head.state_dict()))
+    assert state["done_in_window"] >= 1  # mid-window: the window is re-planned on resume
+    tail = build_train_iterator(cfg, state=state)
+    for step in range(4, 12):
+        next(tail)
+        resumed = {k: carried.get(k, 0) + tail.skips.counts.get(k, 0) for k in set(carried) | set(tail.skips.counts)}
+        assert resumed == totals[step], step
+
+
+def test_every_image_failing_to_decode_stops_after_one_epoch_naming_the_file(demo_dir, tmp_path):
+    cfg = sft_cfg(demo_dir, train_path=str(_mixed_set(demo_dir, tmp_path, 1)), on_error="skip")
+    it = build_train_iterator(cfg)
+    steps = 0
+    with pytest.raises(Exception, match=rf"no sample of this rank's shard of {tmp_path / 'mixed.jsonl'} could be "
+                                        r"loaded in epoch 0 \(skipped: \{'corrupt_image': 30\}\)") as e:
+        while True:
+            batch = next(it)
+            assert float(batch["loss_mask"].sum()) == 0.0  # nothing to learn: the trainer skips such steps
+            steps += 1
+    assert e.value.reason == "no_valid_samples" and steps >= 1

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 REQUIRED = {"reward_mean", "reward_std", "accuracy", "effective_sample_ratio", "critical_token_entropy",
             "entropy_mean", "high_entropy_frac", "clip_frac_low", "clip_frac_high", "kl", "response_length_mean",
             "hallucination_rate", "rollout_time_s", "train_time_s", "reward_format_mean", "reward_mean_all",
-            "truncated_ratio"}
+            "truncated_ratio", "data_skipped"}
 
 
 @pytest.mark.parametrize("backend", ["vllm", "native"])
