@@ -96,7 +96,7 @@ def test_weight_push_changes_outputs_to_ours(text):
     after, expected = _ids(engine.generate(reqs, GREEDY)), _ids(native.generate(reqs, GREEDY))
     assert after == expected and after != before
     # embed, final norm, lm_head + per layer: 2 norms, q/k/v weight + bias, o_proj, gate, up, down
-    assert stats["tensors"] == 3 + 12 * text["cfg"].model.llm.num_layers
+    assert stats.tensors == 3 + 12 * text["cfg"].model.llm.num_layers
     # pushing HF-named tensors directly works too (here: the original file's weights back)
     from safetensors.torch import load_file
 
@@ -152,7 +152,7 @@ def test_internvl_generates_with_an_image(text, tmp_path_factory):
     from safetensors import safe_open
 
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
-        assert stats["tensors"] == len(list(f.keys()))  # every tensor of the checkpoint was pushed
+        assert stats.tensors == len(list(f.keys()))  # every tensor of the checkpoint was pushed
 
 
 @pytest.mark.parametrize("tp, pp, rollout_tp", [(2, 1, 1), (2, 1, 2), (1, 2, 1)],
