@@ -37,7 +37,7 @@ class TrainConfig:
     def validate(self, root) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.stage != "grpo" and self.global_batch_size % self.micro_batch_size:  # GRPO packs rows per episode
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
