@@ -98,7 +98,7 @@ class GRPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ one episode
     def train_step(self) -> dict:
-        c, g = self.cfg, self.cfg.algorithm.grpo
+        c = self.cfg
         t_start = time.perf_counter()
         if self.engine is None:
             self.engine = self._build_engine()

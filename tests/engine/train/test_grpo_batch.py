@@ -130,7 +130,7 @@ def test_packed_loss_path_equals_the_kernel_reference_unpacked(demo, mode, count
     import kernels
 
     cfg, rows, advantages = demo
-    rows, advantages = rows[:12], advantages[:12]  # Triton's interpreter is slow: 3 prompts' groups
+    rows, advantages = rows[:8], advantages[:8]  # Triton's interpreter is slow: 2 prompts' groups
     V = cfg.model.llm.vocab_size
     g = GRPOConfig(loss_agg_mode=mode, seq_mean_counts_empty=counts_empty, clip_eps_high=0.28, dual_clip_c=3.0,
                    kl_coef=0.05, max_response_length=MAX_RESPONSE, group_size=G, rollouts_per_episode=4 * G,
@@ -141,7 +141,7 @@ def test_packed_loss_path_equals_the_kernel_reference_unpacked(demo, mode, count
     ref = {sid: torch.randn(len(x), generator=gen) * 0.3 - 6.0 for sid, x in logits.items()}
 
     def run(pack: bool):
-        micro = _pack(cfg, rows, advantages, seq_length=1024 if pack else 320, micro=64, pack=pack)
+        micro = _pack(cfg, rows, advantages, seq_length=512 if pack else 256, micro=64, pack=pack)
         pos = _positions(micro)
         leaves = {sid: x.clone().requires_grad_(True) for sid, x in logits.items()}
         _fill(micro, pos, old, "old_logprobs")
@@ -154,6 +154,7 @@ def test_packed_loss_path_equals_the_kernel_reference_unpacked(demo, mode, count
         return mb, full, leaves, pos
 
     mb, full, leaves, _ = run(pack=True)
+    assert max(len(ids) for ids in mb["sample_ids"]) > 1  # rows hold several samples: per-row would differ
     loss_sum, count, _ = grpo_loss(mb, None, V, g, "fused", full)
     (loss_sum / count.float()).backward()
     packed_grads = {sid: x.grad for sid, x in leaves.items()}
