@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,14 +125,20 @@ def _say(opts: DistillOptions, msg: str) -> None:
         print(f"[alcotd] {msg}", file=sys.stderr, flush=True)
 
 
-def generate_traces(engine, tok, queries: list[Query], planned: list, opts: DistillOptions, backend: str,
+def _tiles(plan, image_pipeline) -> torch.Tensor:
+    """A planned sample's images through our pipeline: (n_tiles, 3, T, T)."""
+    from engine.data.dataset import load_images
+
+    return load_images(plan, image_pipeline).pixel_values
+
+
+def generate_traces(engine, tok, queries: list[Query], planned: list, opts: DistillOptions,
                     image_pipeline, reward, seed: int) -> None:
     """Fill q.applied_penalty and q.traces for `queries` (this rank's share)."""
-    from engine.data.dataset import load_images
     from engine.rl.rewards import RewardSample
-    from engine.rollout.base import GenerationRequest, SamplingParams
+    from engine.rollout.base import GenerationRequest, ImageInputs, SamplingParams, stop_token_ids
 
-    stop = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    stop = stop_token_ids(tok)
     groups = group_by_penalty([q.penalty for q in queries], opts.penalty_step)
     calls = 0
     for penalty, members in groups.items():
@@ -142,14 +149,9 @@ def generate_traces(engine, tok, queries: list[Query], planned: list, opts: Dist
             for j in chunk:
                 q, plan = queries[j], planned[j]
                 q.applied_penalty = penalty
-                if not plan.images:
-                    images = None
-                elif backend == "vllm":  # vLLM tiles PIL images itself
-                    from PIL import Image
-
-                    images = [Image.open(p).convert("RGB") for p in plan.images]
-                else:
-                    images = load_images(plan, image_pipeline).pixel_values  # (n_tiles, 3, T, T)
+                images = None
+                if plan.images:  # the files, and our tiles decoded only if the engine takes tiles (native)
+                    images = ImageInputs([str(p) for p in plan.images], partial(_tiles, plan, image_pipeline))
                 requests.append(GenerationRequest(plan.tokens.tolist(), images=images, request_id=plan.id))
             params = SamplingParams(temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens,
                                     n=opts.k, stop_token_ids=stop, repetition_penalty=penalty, seed=seed + calls)
@@ -235,8 +237,9 @@ def distill(cfg, model, pg, opts: DistillOptions, extra: dict | None = None,
     r = cfg.algorithm.reward
     with MathVerifier(r.math_verify_timeout_s, r.math_verify_workers, r.math_verify_backend) as verifier:
         reward = build_reward("rule", math_verifier=verifier)
-        generate_traces(engine, tok, queries, planned, opts, cfg.rollout.backend, ctx.make_pipeline(), reward,
+        generate_traces(engine, tok, queries, planned, opts, ctx.make_pipeline(), reward,
                         opts.seed + 100_003 * dp_rank)
+    engine.close()
     gathered: list = [None] * dp_size
     dist.all_gather_object(gathered, queries, group=pg.dp)
     if dist.get_rank() != 0:

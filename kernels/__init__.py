@@ -1,13 +1,16 @@
-"""Triton kernels for the RL loss path: fused log-prob/entropy and fused clipped GRPO loss.
+"""Triton kernels for the RL loss path: fused log-prob/entropy and fused clipped GRPO loss, and the one
+GRPO loss aggregation (kernels/aggregation.py, plain torch).
 
 Importing this package on a machine without CUDA switches Triton to its CPU interpreter
 (see kernels/_triton_env.py), so the same calls work in CPU tests and in the CPU engine.
 """
 
 from kernels._triton_env import INTERPRET
-from kernels.grpo_loss import AGGREGATION_MODES, aggregate_loss, fused_grpo_loss
-from kernels.logprob_entropy import IGNORE_INDEX, fused_logprob_entropy
+from kernels.aggregation import AGGREGATION_MODES, aggregate_loss, aggregate_terms
+from kernels.grpo_loss import fused_grpo_loss
+from kernels.logprob_entropy import fused_logprob_entropy
 from kernels.reference import (
+    IGNORE_INDEX,
     KL_TYPES,
     grpo_loss_reference,
     grpo_token_loss_reference,
@@ -21,6 +24,7 @@ __all__ = [
     "INTERPRET",
     "KL_TYPES",
     "aggregate_loss",
+    "aggregate_terms",
     "fused_grpo_loss",
     "fused_logprob_entropy",
     "grpo_loss_reference",

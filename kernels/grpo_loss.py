@@ -13,7 +13,7 @@ recomputing dlogits kernel as the logprob/entropy backward: one read of the logi
 of dlogits, no [T, V] fp32 tensor anywhere. Vocab-parallel: the shard partials are all-reduced first
 (see logprob_entropy.py), then the same epilogue runs as an elementwise kernel over [T].
 
-`aggregate_loss` (token-mean / seq-mean-token-mean / seq-mean-token-sum) is plain torch below.
+Reduce the per-token loss with `kernels.aggregation` (plain torch, per sample or per packed segment).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def fused_grpo_loss(
     loss 0); old_logprobs, advantages, loss_mask, ref_logprobs: [T] per token (not differentiated).
     stats (detached, [T]): logprobs, entropy, ratio, kl (zeros without ref_logprobs), and bool flags
     clipped_low (A < 0, ratio < 1 - eps_low), clipped_high (A > 0, ratio > 1 + eps_high), dual_clipped.
-    Reduce with `aggregate_loss`.
+    Reduce with `kernels.aggregation.aggregate_terms` / `aggregate_loss`.
     """
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}.")
@@ -257,36 +257,3 @@ def fused_grpo_loss(
     stats = {"logprobs": lp, "entropy": ent, "ratio": ratio, "kl": kl,
              "clipped_low": flags[0], "clipped_high": flags[1], "dual_clipped": flags[2]}
     return loss, stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Aggregation (plain torch; not a kernel)
-# ----------------------------------------------------------------------------------------------
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-
-
-def aggregate_loss(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Reduce a [B, S] per-token loss to a scalar.
-
-    token-mean:          sum(loss * mask) / sum(mask) over the whole batch (DAPO-style).
-    seq-mean-token-mean: mean over sequences of each sequence's masked token mean (original GRPO).
-    seq-mean-token-sum:  mean over sequences of each sequence's masked token sum (Dr. GRPO-style).
-    Sequences with no loss tokens are left out of the sequence means (they carry no signal);
-    a batch with no loss tokens at all gives 0 (still differentiable).
-    """
-    if per_token_loss.dim() != 2 or per_token_loss.shape != loss_mask.shape:
-        raise ValueError(f"per_token_loss and loss_mask must both be [B, S] (reshape packed [T] "
-                         f"tensors per sequence first), got {tuple(per_token_loss.shape)} and "
-                         f"{tuple(loss_mask.shape)}.")
-    mask = loss_mask.to(per_token_loss.dtype)
-    masked = per_token_loss * mask
-    if mode == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1.0)
-    tokens_per_seq = mask.sum(-1)  # [B]
-    has_tokens = (tokens_per_seq > 0).to(per_token_loss.dtype)
-    n_seqs = has_tokens.sum().clamp(min=1.0)
-    if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / tokens_per_seq.clamp(min=1.0) * has_tokens).sum() / n_seqs
-    if mode == "seq-mean-token-sum":
-        return (masked.sum(-1) * has_tokens).sum() / n_seqs
-    raise ValueError(f"mode must be one of {AGGREGATION_MODES}, got {mode!r}.")

@@ -33,12 +33,11 @@ import torch
 import torch.distributed as dist
 
 from kernels._triton_env import INTERPRET, check_device, quiet_masked_lanes, tl, triton
+from kernels.reference import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------
 # Tuning constants
 # ----------------------------------------------------------------------------------------------
-IGNORE_INDEX = -100
-"""Target value meaning "no label here": logprob 0, entropy 0, zero gradient (PyTorch/HF convention)."""
 
 if INTERPRET:
     # The interpreter's cost is per Triton op per program (numpy does the tile), so big tiles win.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+"""Target value meaning "no label here": logprob 0, entropy 0, zero gradient (PyTorch/HF convention).
+Defined here once; the kernels, engine/train/losses.py and everything else import it."""
 LOG_RATIO_CLAMP = 20.0
 """|log pi - log pi_old| and |log pi_ref - log pi| are clamped to 20 before exp (e^20 ~ 5e8), as verl's
 core_algos does, so one stale token cannot overflow the ratio to inf."""

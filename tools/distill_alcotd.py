@@ -95,11 +95,7 @@ def main(argv=None) -> int:
     summary = distill(cfg, model, pg, opts, extra={"checkpoint": args.ckpt}, loaded=loaded)
     if summary is not None:
         print(json.dumps(summary))
-    if cfg.rollout.backend == "vllm":
-        from engine.rollout.vllm_engine import release_distributed
-
-        release_distributed()
-    shutdown()
+    shutdown()  # distill() closed the rollout engine it built
     return 0
 
 

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node=2 tools/evaluate.py ...        # each DP rank evaluates its shard
 
 Accuracy is the rule check (final \\boxed{}/Answer: extraction + math-verify); the decoding modes are
-R1V3's: think, nothink, nowait (ban "Wait"/"Alternatively"/"Hmm" by logit bias), budget (force
-'</think>' after --budget thinking tokens).
+R1V3's: think, nothink, nowait (ban the recipe's algorithm.decoding.banned_words by logit bias), budget
+(force '</think>' after --budget thinking tokens, then the recipe's answer prefix). --max-tokens bounds the
+whole response, thinking included.
 """
 
 from __future__ import annotations
@@ -60,11 +61,7 @@ def main(argv=None) -> int:
             print(f"{'mode':8s} {'pass@1':>8s} {'mean_len':>9s} {'samples':>8s}")
             for mode, r in results.items():
                 print(f"{mode:8s} {r['pass@1']:8.3f} {r['mean_length']:9.1f} {r['samples']:8d}")
-    if cfg.rollout.backend == "vllm":
-        from engine.rollout.vllm_engine import release_distributed
-
-        release_distributed()
-    shutdown()
+    shutdown()  # evaluate() closed the rollout engine it built
     return 0
 
 

@@ -264,11 +264,11 @@ def peak_rss_bytes() -> int:
 
 def _stage_needs(model) -> dict[str, str]:
     """Full names of this stage's parameters -> the full tensor that fills it (tied output: embedding)."""
-    from engine.parallel.full_state import _global_name
+    from engine.parallel.full_state import global_param_name
 
     needs = {}
     for name, _ in model.named_parameters():
-        key = _global_name(name, model)
+        key = global_param_name(name, model)
         if key == "llm.output_layer.weight" and model.share_embeddings_and_output_weights:
             needs[key] = "llm.embedding.word_embeddings.weight"
         else:

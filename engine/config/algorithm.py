@@ -18,7 +18,13 @@ from typing import Literal
 
 from engine.config.base import ConfigError, field_
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")  # engine/rl/policy_loss.py, kernels/
+# kernels/aggregation.py (AGGREGATION_MODES, checked equal in tests): the config must not import the kernels
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _grpo_stage(root) -> bool:
+    """The root config trains GRPO (False when the algorithm section is validated on its own)."""
+    return getattr(getattr(root, "train", None), "stage", None) == "grpo" and hasattr(root, "data")
 
 
 @dataclass
@@ -40,8 +46,12 @@ class GRPOConfig:
     kl_coef: float = field_(0.0, "KL-to-reference coefficient β; 0 keeps no reference model (R1V3: 0)",
                             bounds="[0, inf)")
     kl_estimator: Literal["k1", "k2", "k3"] = field_("k3", "KL estimator on log-probs")
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = field_(
-        "token-mean", "how per-token losses reduce to the step loss")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = field_(
+        "token-mean", "how per-token losses reduce to the step loss, per sample (kernels/aggregation.py); "
+                      "seq-mean-token-sum-norm divides each sample's sum by max_response_length (Dr.GRPO)")
+    seq_mean_counts_empty: bool = field_(
+        False, "seq-mean modes: a sample with no learned token (e.g. overlong-masked) counts in the mean with loss 0 "
+               "(TRL's convention) instead of being left out")
     temperature: float = field_(1.0, "rollout sampling temperature (all three reports: 1.0)", bounds="(0, inf)")
     top_p: float = field_(1.0, "rollout nucleus sampling", bounds="(0, 1]")
     max_response_length: int = field_(8192, "max generated tokens per sample (R1V: 8k; R1V3: 4096 -> 8192)",
@@ -74,6 +84,17 @@ class GRPOConfig:
             raise ConfigError(f"algorithm.grpo.kl_coef={self.kl_coef} must be >= 0")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("algorithm.grpo.temperature must be > 0 and top_p in (0, 1]")
+        if self.seq_mean_counts_empty and self.loss_agg_mode == "token-mean":
+            raise ConfigError("algorithm.grpo.seq_mean_counts_empty acts only in the seq-mean loss_agg_modes; "
+                              "with token-mean an empty sample adds nothing either way: leave it false")
+        train = getattr(root, "train", None)
+        if _grpo_stage(root) and train.global_batch_size != self.mini_batch_size * self.group_size:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size}: in GRPO an optimizer step takes "
+                f"algorithm.grpo.mini_batch_size x group_size = {self.mini_batch_size} x {self.group_size} = "
+                f"{self.mini_batch_size * self.group_size} samples (over all DP ranks, packed into rows of "
+                f"train.seq_length); set train.global_batch_size={self.mini_batch_size * self.group_size} or change "
+                "mini_batch_size")
 
     @property
     def prompts_per_episode(self) -> int:
@@ -112,8 +133,14 @@ class MPOConfig:
     w_quality: float = field_(0.2, "w2, BCO quality term (InternVL MPO: 0.2)", bounds="[0, inf)")
     w_gen: float = field_(1.0, "w3, length-normalised NLL on the chosen response (InternVL MPO: 1.0)",
                           bounds="[0, inf)")
-    delta_momentum: float | None = field_(None, "BCO δ: null = cumulative mean of rewards, else EMA momentum",
+    delta_momentum: float | None = field_(None, "BCO δ: null = running mean (see delta_average), else EMA momentum",
                                           bounds="[0, 1)")
+    delta_average: Literal["rewards", "batch_means"] = field_(
+        "rewards", "BCO δ's running mean: over every implicit reward seen, or over the steps' batch means "
+                   "(TRL's bco_pair: RunningMoments updated with each batch's mean)")
+    nll_norm: Literal["sequence", "token"] = field_(
+        "sequence", "NLL term: mean over pairs of -log π(y_c)/|y_c| (length-normalised), or Σ -log π / Σ |y_c| over "
+                    "a micro-batch's chosen tokens (token mean, TRL's DPO 'sft' / rpo loss)")
     pair_reward_gap: float = field_(
         0.0, "use only pairs with chosen_score - rejected_score >= this (R1V2 'MPO threshold' 7/10/15, 15 best; "
              "0: every pair, scores optional)", bounds="[0, inf)")
@@ -150,6 +177,12 @@ class RewardConfig:
             missing = [k for k in ("{question}", "{gold}", "{answer}") if k not in self.verifier_template]
             if missing:
                 raise ConfigError(f"algorithm.reward.verifier_template lacks {missing}")
+        opens = _grpo_stage(root) and root.data.thinking == "think"
+        if _grpo_stage(root) and self.name not in ("rule", "verifier") and self.prompt_opens_think != opens:
+            raise ConfigError(
+                f"algorithm.reward.prompt_opens_think={str(self.prompt_opens_think).lower()} but the rollout prompts "
+                f"{'open' if opens else 'do not open'} '<think>' (data.thinking={root.data.thinking}): the format reward "
+                f"would score every response against the wrong prompt; set prompt_opens_think={str(opens).lower()}")
 
 
 @dataclass
@@ -169,10 +202,18 @@ class DecodingConfig:
     def validate(self, root) -> None:
         if self.mode == "budget" and (self.thinking_budget is None or self.thinking_budget < 0):
             raise ConfigError("algorithm.decoding.mode=budget needs thinking_budget >= 0 (e.g. 1024)")
+        if self.mode != "budget" and (self.thinking_budget is not None or self.answer_prefix):
+            raise ConfigError(f"algorithm.decoding.thinking_budget / answer_prefix act only in mode=budget (mode is "
+                              f"{self.mode}); unset them or set algorithm.decoding.mode=budget")
         if self.mode == "nowait" and not self.banned_words:
             raise ConfigError("algorithm.decoding.mode=nowait needs banned_words")
         if self.ban_bias > 0:
             raise ConfigError(f"algorithm.decoding.ban_bias={self.ban_bias} must be <= 0 (it bans words)")
+        thinking = "no_think" if self.mode == "nothink" else "think"
+        if _grpo_stage(root) and root.data.thinking != thinking:
+            raise ConfigError(
+                f"algorithm.decoding.mode={self.mode} needs rollout prompts that {'do not ' * (thinking == 'no_think')}"
+                f"open '<think>': set data.thinking={thinking} (the GRPO prompts are built with data.thinking)")
 
 
 @dataclass

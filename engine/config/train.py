@@ -43,7 +43,7 @@ class TrainConfig:
                                           bounds="[0, inf)")
 
     def validate(self, root) -> None:
-        if self.global_batch_size % self.micro_batch_size:
+        if self.stage != "grpo" and self.global_batch_size % self.micro_batch_size:  # GRPO packs rows per episode
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"

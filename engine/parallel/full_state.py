@@ -16,15 +16,15 @@ import re
 import torch
 import torch.distributed as dist
 
-_VOCAB_PARAMS = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
+VOCAB_PARAMS = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
 _LAYER_RE = re.compile(r"^llm\.decoder\.layers\.(\d+)\.")
 
 
-def _is_gated_fc1(name: str, model) -> bool:
+def is_gated_fc1(name: str, model) -> bool:
     return name.startswith("llm.") and name.endswith("mlp.linear_fc1.weight") and model.llm.config.gated_linear_unit
 
 
-def _global_name(name: str, model) -> str:
+def global_param_name(name: str, model) -> str:
     m = _LAYER_RE.match(name)
     if not m:
         return name
@@ -45,7 +45,7 @@ def _split(full: torch.Tensor, dim: int, rank: int, size: int, gated: bool) -> t
     return full.chunk(size, dim=dim)[rank]
 
 
-def _gather(local: torch.Tensor, dim: int, group, size: int, gated: bool) -> torch.Tensor:
+def gather_tp_shards(local: torch.Tensor, dim: int, group, size: int, gated: bool) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local.contiguous(), group=group)
     if gated:
@@ -73,10 +73,10 @@ def full_state(model, tp_group, vocab_size: int, grads: bool = False) -> dict[st
     out = {}
     for name, p, t in _named_tensors(model, grads):
         if getattr(p, "tensor_model_parallel", False) and size > 1:
-            t = _gather(t, p.partition_dim, tp_group, size, _is_gated_fc1(name, model))
-        if name in _VOCAB_PARAMS:
+            t = gather_tp_shards(t, p.partition_dim, tp_group, size, is_gated_fc1(name, model))
+        if name in VOCAB_PARAMS:
             t = t[:vocab_size]
-        out[_global_name(name, model)] = t.detach().clone()
+        out[global_param_name(name, model)] = t.detach().clone()
     return out
 
 
@@ -88,7 +88,7 @@ def load_full_state(model, full: dict[str, torch.Tensor], tp_group, strict: bool
     rank, size = _tp(tp_group)
     used = []
     for name, p in model.named_parameters():
-        key = _global_name(name, model)
+        key = global_param_name(name, model)
         if key not in full and key == "llm.output_layer.weight" and model.share_embeddings_and_output_weights:
             key = "llm.embedding.word_embeddings.weight"
         if key not in full:
@@ -96,13 +96,13 @@ def load_full_state(model, full: dict[str, torch.Tensor], tp_group, strict: bool
                 raise KeyError(f"full state has no tensor for parameter '{key}' (local name '{name}')")
             continue
         t = full[key]
-        if name in _VOCAB_PARAMS:  # pad the vocab rows back: (V, h) -> (V_padded, h)
+        if name in VOCAB_PARAMS:  # pad the vocab rows back: (V, h) -> (V_padded, h)
             padded_rows = p.shape[0] * (size if getattr(p, "tensor_model_parallel", False) else 1)
             if t.shape[0] > padded_rows:
                 raise ValueError(f"'{key}' has {t.shape[0]} rows but the model's padded vocab is {padded_rows}")
             t = torch.cat([t, t.new_zeros(padded_rows - t.shape[0], *t.shape[1:])], dim=0)
         if getattr(p, "tensor_model_parallel", False) and size > 1:
-            t = _split(t, p.partition_dim, rank, size, _is_gated_fc1(name, model))
+            t = _split(t, p.partition_dim, rank, size, is_gated_fc1(name, model))
         if t.shape != p.shape:
             raise ValueError(f"'{key}': full tensor gives shard {tuple(t.shape)}, parameter is {tuple(p.shape)}")
         with torch.no_grad():

@@ -103,6 +103,6 @@ def shutdown() -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():  # vLLM's release_distributed() may already have destroyed the world
+    if dist.is_initialized():  # a vLLM rollout engine's close() may already have destroyed the world
         dist.barrier()
         dist.destroy_process_group()

@@ -1,18 +1,18 @@
-"""Decoding modes as data the rollout engine applies (R1V3 §6, R1V §2.6):
+"""Decoding modes as data the rollout applies (R1V3 §6, R1V §2.6), used by GRPO rollouts and evaluation
+through engine/rollout/decoding.py::generate_with_plan:
 
   think    the prompt ends with `<think>` opened after the assistant tag (slow thinking)
-  nothink  no `<think>` opened (the prompt ends at the assistant tag, plus `nothink_suffix`)
+  nothink  no `<think>` opened (the prompt ends at the assistant tag: data.thinking=no_think)
   nowait   think + a logit bias (-inf) on every token id of the banned words ("Wait", "Alternatively", "Hmm")
   budget   think + after N thinking tokens force `</think>` (and an optional answer prefix), then answer
-AL-CoTD: a per-sample repetition penalty P = min(2, exp(α(1 - (Ŝ_v + βŜ_t + γŜ_I)/(1+β+γ)))) from
-min-max-scaled scores, applied with the HF/CTRL repetition-penalty convention.
+AL-CoTD: a per-query repetition penalty P = min(2, exp(α(1 - (Ŝ_v + βŜ_t + γŜ_I)/(1+β+γ)))) from
+min-max-scaled scores; the engines apply it as SamplingParams.repetition_penalty (HF/CTRL convention).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal
 
 import torch
 
@@ -77,16 +77,6 @@ class ThinkingBudget:
         return self._maybe_force(BudgetState(thinking=True, thought=state.thought + 1, recent=recent))
 
 
-def force_tokens(logits: torch.Tensor, forced: Sequence[int | None]) -> torch.Tensor:
-    """Rows with a forced token get -inf everywhere else (greedy and sampling then pick it). [B, V] in place."""
-    for row, tok in enumerate(forced):
-        if tok is not None:
-            keep = logits[row, tok].clone()
-            logits[row].fill_(float("-inf"))
-            logits[row, tok] = keep if torch.isfinite(keep) else 0.0
-    return logits
-
-
 # ---------------------------------------------------------------- logit bias (NoWait)
 def banned_word_bias(tokenizer: Any, words: Iterable[str] = DEFAULT_BANNED_WORDS, bias: float = float("-inf"),
                      multi_token: MultiTokenPolicy = "auto") -> dict[int, float]:
@@ -96,48 +86,33 @@ def banned_word_bias(tokenizer: Any, words: Iterable[str] = DEFAULT_BANNED_WORDS
     return {i: bias for i in sorted(word_token_ids(tokenizer, words, multi_token=multi_token))}
 
 
-def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
-    """logits[..., id] += bias[id]; [.., V] in place."""
-    if bias:
-        ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
-        logits[..., ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits
-
-
 # ---------------------------------------------------------------- the plan handed to the rollout engine
 @dataclass(frozen=True)
 class DecodingPlan:
     mode: DecodingModeName
-    prompt_suffix: str                             # appended after the assistant tag
+    thinking: Literal["think", "no_think"]          # the prompt template (data.thinking): opens '<think>\\n' or not
     logit_bias: dict[int, float] = field(default_factory=dict)
     budget: ThinkingBudget | None = None
-    starts_in_thinking: bool = True
-
-    def prompt(self, chat_prompt: str) -> str:
-        """`chat_prompt` ends with the assistant tag (`<|im_start|>assistant\\n`)."""
-        return chat_prompt + self.prompt_suffix
 
 
 def build_decoding_plan(mode: DecodingModeName, tokenizer: Any = None, *, banned_words: Iterable[str] = DEFAULT_BANNED_WORDS,
                         ban_bias: float = float("-inf"), thinking_budget: int | None = None,
-                        answer_prefix: str = "", think_suffix: str = "\n", nothink_suffix: str = "",
-                        ban_multi_token: MultiTokenPolicy = "auto") -> DecodingPlan:
+                        answer_prefix: str = "", ban_multi_token: MultiTokenPolicy = "auto") -> DecodingPlan:
     if mode == "nothink":
-        return DecodingPlan(mode, nothink_suffix, starts_in_thinking=False)
+        return DecodingPlan(mode, "no_think")
     if mode not in ("think", "nowait", "budget"):
         raise ValueError(f"unknown decoding mode {mode!r}; choose think, nothink, nowait or budget")
-    suffix = THINK_OPEN + think_suffix
     if mode == "think":
-        return DecodingPlan(mode, suffix)
+        return DecodingPlan(mode, "think")
     if tokenizer is None:
         raise ValueError(f"decoding mode {mode!r} needs the tokenizer (token ids of banned words / '</think>')")
     if mode == "nowait":
-        return DecodingPlan(mode, suffix, logit_bias=banned_word_bias(tokenizer, banned_words, ban_bias, ban_multi_token))
+        return DecodingPlan(mode, "think", logit_bias=banned_word_bias(tokenizer, banned_words, ban_bias, ban_multi_token))
     if thinking_budget is None:
         raise ValueError("decoding mode 'budget' needs thinking_budget (tokens), e.g. 1024")
     budget = ThinkingBudget(thinking_budget, tuple(encode_plain(tokenizer, THINK_CLOSE)),
                             tuple(encode_plain(tokenizer, answer_prefix)) if answer_prefix else ())
-    return DecodingPlan(mode, suffix, budget=budget)
+    return DecodingPlan(mode, "think", budget=budget)
 
 
 # ---------------------------------------------------------------- AL-CoTD repetition penalty (R1V eq. 1)
@@ -158,24 +133,6 @@ def alcotd_penalty(s_v: torch.Tensor, s_t: torch.Tensor, s_i: torch.Tensor, *, a
         s_v, s_t, s_i = minmax_scale(s_v), minmax_scale(s_t), minmax_scale(s_i)
     combined = (s_v.double() + beta * s_t.double() + gamma * s_i.double()) / (1.0 + beta + gamma)
     return torch.clamp(torch.exp(alpha * (1.0 - combined)), max=max_penalty).float()
-
-
-class RepetitionPenaltyProcessor:
-    """HF/CTRL convention: for every token id already in input_ids, a positive logit is divided by P and a
-    negative one multiplied by P. P is a float or one value per row [B] (AL-CoTD)."""
-
-    def __init__(self, penalty: float | torch.Tensor):
-        p = torch.as_tensor(penalty, dtype=torch.float32)
-        if bool((p <= 0).any()) or not math.isfinite(float(p.max())):
-            raise ValueError(f"repetition penalty must be finite and > 0, got {penalty}")
-        self.penalty = p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        p = self.penalty.to(scores.device, scores.dtype)
-        p = p.view(-1, 1) if p.dim() == 1 else p  # (B, 1) broadcast over the gathered ids
-        seen = torch.gather(scores, 1, input_ids)  # (B, T)
-        seen = torch.where(seen < 0, seen * p, seen / p)
-        return scores.scatter(1, input_ids, seen)
 
 
 def decoding_plan_from_config(cfg: Any, tokenizer: Any = None) -> DecodingPlan:

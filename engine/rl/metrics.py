@@ -76,12 +76,10 @@ def rl_step_metrics(*, rewards: torch.Tensor, reward_components: dict[str, torch
                     loss_mask: torch.Tensor | None = None, critical_ids: Iterable[int] | None = None,
                     entropy_threshold: float = ENTROPY_THRESHOLD, responses: Sequence[str] | None = None,
                     hallucination_phrases: Iterable[str] = DEFAULT_HALLUCINATION_PHRASES,
-                    loss_stats: Any = None, ratio_with_buffer: float | None = None,
+                    ratio_with_buffer: float | None = None,
                     reward_counter: dict[str, int] | None = None) -> dict[str, float | int | None]:
-    """One flat dict of the step's RL metrics; pass what you have, the rest is left out.
-
-    loss_stats: a policy_loss.PolicyLossOutput (clip fractions, kl, approx_kl_old).
-    """
+    """One flat dict of the step's RL metrics; pass what you have, the rest is left out. (The loss's clip
+    fractions, KL and ratio come from the GRPO loss reports: engine/train/grpo_loss.py.)"""
     out: dict[str, float | int | None] = {}
     out["reward_mean"], out["reward_std"] = _mean_std(rewards)
     for name, values in (reward_components or {}).items():
@@ -104,9 +102,6 @@ def rl_step_metrics(*, rewards: torch.Tensor, reward_components: dict[str, torch
                 entropy, token_ids, loss_mask, critical_ids)
     if responses is not None:
         out["hallucination_rate"] = hallucination_rate(responses, hallucination_phrases)
-    if loss_stats is not None:
-        for key in ("clip_frac_low", "clip_frac_high", "dual_clip_frac", "kl", "approx_kl_old"):
-            out[key] = float(getattr(loss_stats, key))
     for key, n in (reward_counter or {}).items():
         out[f"reward_skipped/{key}"] = int(n)
     return out

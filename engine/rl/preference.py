@@ -5,7 +5,7 @@ chosen (y_c) and rejected (y_r) responses, and the chosen lengths |y_c| [B] (res
 With implicit rewards  r_c = β·(log π_θ(y_c|x) - log π_0(y_c|x)),  r_r = β·(log π_θ(y_r|x) - log π_0(y_r|x)):
   L_pref    = -log σ(r_c - r_r)
   L_quality = -log σ(r_c - δ) - log σ(-(r_r - δ))           δ = moving average of past rewards
-  L_gen     = -log π_θ(y_c|x) / |y_c|
+  L_gen     = -log π_θ(y_c|x) / |y_c|                          (or the batch's token mean: nll_norm="token")
 each averaged over the batch.
 """
 
@@ -20,17 +20,23 @@ import torch.nn.functional as F
 class RewardShift:
     """δ for the BCO term: a running mean of the implicit rewards (r_c and r_r) seen so far.
 
-    momentum=None: the cumulative mean over all rewards seen (TRL's BCO RunningMoments);
-    momentum=m:    an exponential moving average δ ← m·δ + (1-m)·mean(batch), started at the first batch.
+    momentum=None, average="rewards":     the mean of every reward seen (each reward weighs the same);
+    momentum=None, average="batch_means": the mean of the batches' means (each step weighs the same: TRL's
+                                          bco_pair, whose RunningMoments is updated with one batch mean a step);
+    momentum=m:                           an EMA δ ← m·δ + (1-m)·mean(batch), started at the first batch.
+    The two running means differ when batches differ in size (pair filtering, the last batch of an epoch).
     Kept in checkpoints via state_dict(); under data parallel, pass the all-gathered rewards.
     """
 
-    def __init__(self, momentum: float | None = None):
+    def __init__(self, momentum: float | None = None, average: str = "rewards"):
         if momentum is not None and not 0.0 <= momentum < 1.0:
             raise ValueError(f"RewardShift momentum must be in [0, 1) or None, got {momentum}")
-        self.momentum = momentum
+        if average not in ("rewards", "batch_means"):
+            raise ValueError(f"RewardShift average must be 'rewards' or 'batch_means', got {average!r}")
+        self.momentum, self.average = momentum, average
         self.value = 0.0
-        self.count = 0
+        self.count = 0    # rewards folded in
+        self.batches = 0  # update() calls with rewards
 
     def update(self, rewards: torch.Tensor) -> float:
         """Fold a batch of rewards in; returns the new δ."""
@@ -41,18 +47,24 @@ class RewardShift:
         batch_mean = float(rewards.mean())
         if self.count == 0:
             self.value = batch_mean
-        elif self.momentum is None:
+        elif self.momentum is not None:
+            self.value = self.momentum * self.value + (1.0 - self.momentum) * batch_mean
+        elif self.average == "rewards":
             self.value = (self.value * self.count + batch_mean * n) / (self.count + n)
         else:
-            self.value = self.momentum * self.value + (1.0 - self.momentum) * batch_mean
+            self.value = (self.value * self.batches + batch_mean) / (self.batches + 1)
         self.count += n
+        self.batches += 1
         return self.value
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "value": self.value, "count": self.count}
+        return {"momentum": self.momentum, "average": self.average, "value": self.value, "count": self.count,
+                "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.momentum, self.value, self.count = state["momentum"], state["value"], state["count"]
+        self.average = state.get("average", "rewards")  # checkpoints from before the option: the rewards mean
+        self.batches = state.get("batches", 1 if self.count else 0)
 
 
 @dataclass
@@ -71,8 +83,12 @@ class MPOOutput:
 def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor, *,
              beta: float = 0.1, delta: float = 0.0, w_pref: float = 0.8, w_quality: float = 0.2,
-             w_gen: float = 1.0) -> MPOOutput:
-    """The MPO loss for a batch of preference pairs (see module docstring); δ is given, not updated."""
+             w_gen: float = 1.0, nll_norm: str = "sequence") -> MPOOutput:
+    """The MPO loss for a batch of preference pairs (see module docstring); δ is given, not updated.
+    nll_norm="sequence": L_gen = mean_b(-log π(y_c,b) / |y_c,b|); "token": L_gen = Σ_b -log π(y_c,b) / Σ_b |y_c,b|
+    (the batch's token mean, TRL's DPO 'sft' / rpo NLL: long responses weigh more)."""
+    if nll_norm not in ("sequence", "token"):
+        raise ValueError(f"nll_norm must be 'sequence' or 'token', got {nll_norm!r}")
     shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                         ref_rejected_logps, chosen_lengths)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
@@ -84,7 +100,8 @@ def mpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     r_c, r_r = beta * chosen_logratio, beta * rejected_logratio
     pref = -F.logsigmoid(r_c - r_r).mean()
     quality = (-F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))).mean()
-    gen = (-policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)).mean()
+    lengths = chosen_lengths.to(policy_chosen_logps.dtype)
+    gen = (-policy_chosen_logps / lengths).mean() if nll_norm == "sequence" else -policy_chosen_logps.sum() / lengths.sum()
     loss = w_pref * pref + w_quality * quality + w_gen * gen
     r_c_d, r_r_d = r_c.detach(), r_r.detach()
     return MPOOutput(

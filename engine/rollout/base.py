@@ -1,5 +1,9 @@
 """The rollout engine interface: prompts (+ images) in, sampled tokens with their log-probs out.
 
+Callers never branch on the backend: a request carries its images in both forms (`ImageInputs`) and the
+engine takes the one it uses; `close()` releases whatever the backend holds; `stop_token_ids` is the one
+place the stop ids come from.
+
 Two implementations sit behind it (chosen by `rollout.backend`):
     native   engine.rollout.native.NativeRolloutEngine   our megatron VLM + a KV cache (exactness reference)
     vllm     engine.rollout.vllm_engine.VLLMRolloutEngine  a colocated vllm.LLM fed by weight pushes
@@ -15,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
@@ -57,14 +61,34 @@ class SamplingParams:
 
 
 @dataclass
+class ImageInputs:
+    """One prompt's images in both forms the engines take, so callers never choose: the files (vLLM
+    re-tiles PIL images with its own processor) and our image pipeline's tiles (the native engine; the
+    trainer uses the same tiles). `tiles` is the (n_tiles, 3, H, W) tensor, or a function that makes it,
+    called only by an engine that needs tiles (distillation decodes images for the native engine only)."""
+
+    paths: list[str]
+    tiles: torch.Tensor | Callable[[], torch.Tensor]
+
+    def pil(self) -> list[Any]:
+        from PIL import Image
+
+        return [Image.open(p).convert("RGB") for p in self.paths]
+
+    def pixel_tiles(self) -> torch.Tensor:
+        return self.tiles if isinstance(self.tiles, torch.Tensor) else self.tiles()
+
+
+@dataclass
 class GenerationRequest:
     """One prompt, as our chat template writes it: each image expanded to `<img><IMG_CONTEXT>*N</img>`
-    (N = tiles x tokens per tile). `images`: PIL images (vLLM, which re-tiles them itself and gets the
-    prompt with each run collapsed to one `<IMG_CONTEXT>`; native with an `image_processor`) or pixel
-    tiles (n_tiles, 3, H, W) for the native engine, whose N must match them."""
+    (N = tiles x tokens per tile). `images`: `ImageInputs` (both forms; the engine picks the one it
+    takes), or PIL images (vLLM, which re-tiles them itself and gets the prompt with each run collapsed
+    to one `<IMG_CONTEXT>`; native with an `image_processor`), or pixel tiles (n_tiles, 3, H, W) for the
+    native engine, whose N must match them."""
 
     prompt_token_ids: list[int]
-    images: list[Any] | torch.Tensor | None = None
+    images: ImageInputs | list[Any] | torch.Tensor | None = None
     request_id: str | None = None
 
     def __post_init__(self) -> None:
@@ -75,9 +99,14 @@ class GenerationRequest:
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # log-prob of each sampled token (see the module docstring)
+    logprobs: list[float]  # log-prob of each sampled token (see the module docstring); 0.0 at forced tokens
     finish_reason: FinishReason
     text: str | None = None
+    forced: list[bool] | None = None  # per token: put there by the decoding plan (thinking budget), not sampled
+
+    def sampled(self) -> list[bool]:
+        """Per token: True where the policy sampled it (every token unless a decoding plan forced some)."""
+        return [not f for f in self.forced] if self.forced is not None else [True] * len(self.token_ids)
 
 
 @dataclass
@@ -87,9 +116,20 @@ class GenerationResult:
     completions: list[Completion]  # `n` samples
 
 
+@dataclass
+class WeightPush:
+    """What one `update_weights` moved and how long it took."""
+
+    seconds: float
+    bytes: int = 0        # payload handed to the engine (0: the engine generates with the training model itself)
+    tensors: int = 0
+    buckets: int = 0
+    largest_bucket_bytes: int = 0
+
+
 class RolloutEngine(ABC):
-    """generate / update_weights / sleep / wake. Collective where the backend is distributed: every rank
-    of the engine's group calls each method with the same arguments (its own requests for generate)."""
+    """generate / update_weights / sleep / wake / close. Collective where the backend is distributed: every
+    rank of the engine's group calls each method with the same arguments (its own requests for generate)."""
 
     tokenizer: Any = None
 
@@ -98,9 +138,8 @@ class RolloutEngine(ABC):
         ...
 
     @abstractmethod
-    def update_weights(self, weights: "Iterable[tuple[str, torch.Tensor]] | torch.nn.Module") -> dict:
-        """Load new weights: our megatron model (sharded; streamed) or an iterator of HF-named tensors.
-        Returns timing/size stats."""
+    def update_weights(self, weights: "Iterable[tuple[str, torch.Tensor]] | torch.nn.Module") -> WeightPush:
+        """Load new weights: our megatron model (sharded; streamed) or an iterator of HF-named tensors."""
 
     @abstractmethod
     def sleep(self) -> None:
@@ -110,10 +149,43 @@ class RolloutEngine(ABC):
     def wake(self) -> None:
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (vLLM: its process groups, before the training world
+        goes away). Collective; call once after the last generate(). Idempotent."""
+
     def decode(self, token_ids: list[int]) -> str | None:
         if self.tokenizer is None:
             return None
         return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a response: the chat turn end `<|im_end|>` and the tokenizer's EOS. Ids a tokenizer
+    does not have (None, or negative / unknown ids some tokenizers return) are left out."""
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
+
+
+IMAGE_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+
+
+def image_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the image placeholder tokens the tokenizer has: a response must never emit them."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[t] for t in IMAGE_TOKENS if t in vocab}
+
+
+def requests_from_prompts(batch: dict) -> list[GenerationRequest]:
+    """A collate_rl batch (engine/data/batch.py) -> one request per prompt, carrying both image forms."""
+    tiles_per = batch["tiles_per_row"].tolist()
+    start, requests = 0, []
+    for i, ids in enumerate(batch["prompt_ids"]):
+        tiles = batch["pixel_values"][start: start + tiles_per[i]]  # (n_tiles, 3, H, W) of prompt i
+        start += tiles_per[i]
+        images = ImageInputs(list(batch["image_paths"][i]), tiles) if tiles_per[i] else None
+        requests.append(GenerationRequest(list(ids), images=images, request_id=batch["sample_ids"][i][0]))
+    return requests
 
 
 def check_stop_reason(token: int, n_generated: int, params: SamplingParams) -> FinishReason | None:

@@ -75,9 +75,9 @@ def main() -> None:
                 rows.append({"backend": name, "prompts": n, "prompt_tokens": 24, "max_tokens": args.max_tokens,
                              "tokens_per_s": round(best, 1)})
         pushes = [vllm.update_weights(model) for _ in range(args.repeats + 1)][1:]
-        best = min(pushes, key=lambda p: p["push_s"])
-        rows.append({"backend": "vllm", "weight_push_s": round(best["push_s"], 4), "push_bytes": best["bytes"],
-                     "buckets": best["buckets"]})
+        best = min(pushes, key=lambda p: p.seconds)
+        rows.append({"backend": "vllm", "weight_push_s": round(best.seconds, 4), "push_bytes": best.bytes,
+                     "buckets": best.buckets})
     meta = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "device": "cuda" if torch.cuda.is_available() else "cpu",
             "torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from engine.rollout.base import (
-    Completion, GenerationRequest, GenerationResult, RolloutEngine, SamplingParams, check_stop_reason, iter_named,
+    Completion, GenerationRequest, GenerationResult, ImageInputs, RolloutEngine, SamplingParams, WeightPush,
+    check_stop_reason, iter_named,
 )
 from engine.rollout.sampling import sample
 
@@ -112,18 +113,20 @@ class NativeRolloutEngine(RolloutEngine):
             results[row.request].completions.append(completion)
         return results
 
-    def update_weights(self, weights) -> dict:
+    def update_weights(self, weights) -> WeightPush:
         """The native engine generates with the training model itself: passing that model is a no-op;
         an iterator of our *full* (TP=1) named tensors is loaded into the shards."""
         if isinstance(weights, torch.nn.Module):
             if weights is not self.model:
                 raise ValueError("NativeRolloutEngine generates with the model it was built with; pass that model")
-            return {"push_s": 0.0, "bytes": 0}
+            return WeightPush(seconds=0.0)
         from engine.parallel.full_state import load_full_state
 
         t0 = time.perf_counter()
-        used = load_full_state(self.model, dict(iter_named(weights)), self.tp_group, strict=False)
-        return {"push_s": time.perf_counter() - t0, "tensors": len(used)}
+        full = dict(iter_named(weights))
+        used = load_full_state(self.model, full, self.tp_group, strict=False)
+        return WeightPush(seconds=time.perf_counter() - t0, tensors=len(used),
+                          bytes=sum(full[k].numel() * full[k].element_size() for k in set(used) if k in full))
 
     def sleep(self) -> None:  # nothing of its own to free: the model is the training model
         pass
@@ -136,6 +139,8 @@ class NativeRolloutEngine(RolloutEngine):
         images = request.images
         if images is None or (isinstance(images, (list, tuple)) and not images):
             return None
+        if isinstance(images, ImageInputs):
+            images = images.pixel_tiles()  # our pipeline's tiles: the ones the trainer uses
         if isinstance(images, torch.Tensor):
             if images.dim() != 4:
                 raise ValueError(f"request {request.request_id}: pixel tiles must be (n_tiles, 3, H, W), got {tuple(images.shape)}")

@@ -1,6 +1,7 @@
 """Colocated vLLM rollout: a `vllm.LLM` inside each training process, fed by in-memory weight pushes.
 
-Life cycle (one RL step):  generate() -> sleep() -> train -> wake() -> update_weights(model) -> generate() ...
+Life cycle (one RL step):  generate() -> sleep() -> train -> wake() -> update_weights(model) -> generate() ...;
+after the last step close() (tears down vLLM's process groups before the training world goes away).
 
 * The HF model directory is written once (`write_hf_model_dir`, streamed group by group through the
   checkpoint adapters); afterwards weights move only through memory.
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine.rollout.base import (
-    Completion, GenerationRequest, GenerationResult, RolloutEngine, SamplingParams, iter_named,
+    Completion, GenerationRequest, GenerationResult, ImageInputs, RolloutEngine, SamplingParams, WeightPush, iter_named,
 )
 from engine.rollout.weight_sync import hf_weight_buckets
 
@@ -144,6 +145,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.init_s = time.perf_counter() - t0
         self.tokenizer = tokenizer if tokenizer is not None else (self.llm.get_tokenizer() if has_tokenizer else None)
         self.asleep = False
+        self.closed = False
         self.stats: dict[str, float] = {}
 
     @classmethod
@@ -184,16 +186,19 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def _prompt(self, r: GenerationRequest) -> dict:
         prompt: dict[str, Any] = {"prompt_token_ids": list(r.prompt_token_ids)}
-        if r.images is not None and len(r.images):
+        images = r.images.pil() if isinstance(r.images, ImageInputs) else r.images  # vLLM tiles PIL images itself
+        if images is not None and len(images):
             prompt["prompt_token_ids"] = collapse_image_runs(prompt["prompt_token_ids"], *self._image_ids())
-            if isinstance(r.images, torch.Tensor):
+            if isinstance(images, torch.Tensor):
                 raise ValueError(f"request {r.request_id}: the vLLM engine takes PIL images (it tiles them itself), "
-                                 "not pixel tiles")
-            images = list(r.images)
+                                 "not pixel tiles; pass ImageInputs (files + tiles) or PIL images")
+            images = list(images)
             prompt["multi_modal_data"] = {"image": images[0] if len(images) == 1 else images}
         return prompt
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams) -> list[GenerationResult]:
+        if self.closed:
+            raise RuntimeError("the vLLM rollout engine is closed; build a new one")
         if self.asleep:
             raise RuntimeError("the vLLM rollout engine is asleep; call wake() before generate()")
         t0 = time.perf_counter()
@@ -215,9 +220,11 @@ class VLLMRolloutEngine(RolloutEngine):
         return results
 
     # ------------------------------------------------------------------------------------ weights
-    def update_weights(self, weights) -> dict:
+    def update_weights(self, weights) -> WeightPush:
         """weights: our megatron model (streamed from its shards; collective over TP/PP) or an iterator
         of (HF name, full tensor)."""
+        if self.closed:
+            raise RuntimeError("the vLLM rollout engine is closed; build a new one")
         t0 = time.perf_counter()
         counted = {"bytes": 0, "tensors": 0, "buckets": 0, "largest_bucket_bytes": 0}
         if isinstance(weights, torch.nn.Module):
@@ -243,8 +250,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # worker's encoder cache but not the scheduler's record of it ("Encoder cache miss" otherwise)
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
-        counted["push_s"] = time.perf_counter() - t0
-        return counted
+        return WeightPush(seconds=time.perf_counter() - t0, **counted)
 
     # ------------------------------------------------------------------------------------ memory
     def sleep(self) -> None:
@@ -256,6 +262,21 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.sleep_enabled:
             self.llm.wake_up()
         self.asleep = False
+
+    def close(self) -> None:
+        """Tear down vLLM's process groups before the training world goes away (collective, idempotent).
+
+        With `external_launcher` vLLM builds its groups on our torch.distributed world; if the world is
+        destroyed first, vLLM's atexit hook fails on "Invalid process group specified"."""
+        if self.closed:
+            return
+        from vllm.distributed import parallel_state as vps
+
+        if dist.is_initialized():
+            dist.barrier()
+        vps.destroy_model_parallel()
+        vps.destroy_distributed_environment()
+        self.closed = True
 
 
 def collapse_image_runs(ids: list[int], img_start: int | None, img_end: int | None, img_ctx: int | None) -> list[int]:
@@ -282,18 +303,3 @@ def _platform_name() -> str:
     from vllm.platforms import current_platform
 
     return str(getattr(current_platform, "device_name", None) or current_platform.__class__.__name__)
-
-
-def release_distributed() -> None:
-    """Tear down vLLM's process groups before the training world goes away.
-
-    With `external_launcher` vLLM builds its groups on our torch.distributed world; if the world is
-    destroyed first, vLLM's atexit hook fails on "Invalid process group specified". Call this once,
-    after the last generate(), before engine.parallel.init.shutdown().
-    """
-    from vllm.distributed import parallel_state as vps
-
-    if dist.is_initialized():
-        dist.barrier()
-    vps.destroy_model_parallel()
-    vps.destroy_distributed_environment()

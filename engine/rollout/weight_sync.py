@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint.adapters import ADAPTERS, Group
-from engine.parallel.full_state import _VOCAB_PARAMS, _gather, _global_name, _is_gated_fc1
+from engine.parallel.full_state import VOCAB_PARAMS, gather_tp_shards, global_param_name, is_gated_fc1
 
 
 def _size(group) -> int:
@@ -24,7 +24,7 @@ def _size(group) -> int:
 
 
 def _local_by_full_name(model) -> dict[str, tuple[str, torch.nn.Parameter]]:
-    return {_global_name(name, model): (name, p) for name, p in model.named_parameters()}
+    return {global_param_name(name, model): (name, p) for name, p in model.named_parameters()}
 
 
 def _gather_full(model, local: dict, names: list[str], tp_group, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -35,8 +35,8 @@ def _gather_full(model, local: dict, names: list[str], tp_group, vocab_size: int
         name, p = local[full_name]
         t = p.detach()
         if getattr(p, "tensor_model_parallel", False) and size > 1:
-            t = _gather(t, p.partition_dim, tp_group, size, _is_gated_fc1(name, model))
-        if name in _VOCAB_PARAMS:
+            t = gather_tp_shards(t, p.partition_dim, tp_group, size, is_gated_fc1(name, model))
+        if name in VOCAB_PARAMS:
             t = t[:vocab_size]  # TP padding rows are not part of the HF model
         out[full_name] = t
     return out

@@ -61,7 +61,7 @@ def answered_wrong(trainer, samples: list[dict], work_dir: Path) -> set[str]:
     """Ids of the samples the trainer's current model answers wrong (greedy), over all DP ranks."""
     from engine.data.loader import build_rl_prompt_iterator
     from engine.rl.rewards import RewardSample, build_reward
-    from engine.rollout.base import GenerationRequest, SamplingParams
+    from engine.rollout.base import SamplingParams, requests_from_prompts, stop_token_ids
     from engine.rollout.native import NativeRolloutEngine
 
     cfg = trainer.cfg
@@ -77,16 +77,14 @@ def answered_wrong(trainer, samples: list[dict], work_dir: Path) -> set[str]:
     tok = it.ctx.tokenizer.hf
     engine = NativeRolloutEngine(trainer.model, trainer.pg.tp, cfg.model.llm.vocab_size,
                                  cfg.rollout.max_model_len, tokenizer=tok)
-    stop = sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
     params = SamplingParams(temperature=0.0, max_tokens=cfg.algorithm.iterative_sft.probe_max_tokens,
-                            stop_token_ids=stop)
+                            stop_token_ids=stop_token_ids(tok))
     rule = build_reward("rule")
     ids, correct = [], []
     trainer.model.eval()
     for _ in range(it.plans.sampler.shard_size):
         b = next(it)
-        tiles = b["pixel_values"] if b["pixel_values"].shape[0] else None
-        out = engine.generate([GenerationRequest(b["prompt_ids"][0], images=tiles)], params)[0]
+        out = engine.generate(requests_from_prompts(b), params)[0]
         text = tok.decode(out.completions[0].token_ids, skip_special_tokens=True)
         ids.append(b["sample_ids"][0][0])
         correct.append(float(rule([RewardSample("", text, b["answers"][0])]).total[0]) > 0)

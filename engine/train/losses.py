@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from kernels.reference import IGNORE_INDEX
 
 
 def valid_vocab_columns(local_vocab: int, vocab_size: int, tp_group) -> int:

@@ -27,7 +27,8 @@ def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, logits):
     seq_logps, lengths = sequence_logprobs(batch, tp_group, impl, vocab_size, logits)  # (2P,), (2P,)
     ref = batch["ref_seq_logps"]
     out = mpo_loss(seq_logps[0::2], seq_logps[1::2], ref[0::2], ref[1::2], lengths[0::2],
-                   beta=mcfg.beta, delta=delta, w_pref=mcfg.w_pref, w_quality=mcfg.w_quality, w_gen=mcfg.w_gen)
+                   beta=mcfg.beta, delta=delta, w_pref=mcfg.w_pref, w_quality=mcfg.w_quality, w_gen=mcfg.w_gen,
+                   nll_norm=mcfg.nll_norm)
     pairs = seq_logps.shape[0] // 2
     report = {
         "loss_sum": out.loss.detach() * pairs, "count": pairs,
@@ -44,7 +45,7 @@ class MPOTrainer(Trainer):
         if self.cfg.data.format != "preference":
             raise ValueError(f"train.stage=mpo needs data.format=preference (got {self.cfg.data.format}); "
                              "the data must hold chosen/rejected pairs")
-        self.shift = RewardShift(self.cfg.algorithm.mpo.delta_momentum)
+        self.shift = RewardShift(self.cfg.algorithm.mpo.delta_momentum, self.cfg.algorithm.mpo.delta_average)
         self.reference = self.frozen_reference(resuming, "MPO reference policy pi_0")
 
     def prepare(self, microbatches: list[dict]) -> None:

@@ -41,7 +41,7 @@ class Trainer:
         self.pg = initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)
-        self.num_micro = cfg.train.num_microbatches(self.dp_size)
+        self.num_micro = self.microbatches_per_step()
         self.model = build_for_this_stage(cfg, self.pg)
         self.ddp = wrap_ddp(self.model, cfg, self.pg)
         self.optimizer = build_optimizer(cfg, [self.ddp])
@@ -128,13 +128,22 @@ class Trainer:
             f"parameters (all ranks' shards summed) {totals[0] / 1e6:.2f}M, trainable {totals[1] / 1e6:.2f}M | frozen: "
             f"vision={c.model.vision.freeze} projector={c.model.projector.freeze} llm={c.model.llm.freeze}",
             f"data {c.data.train_path} ({len(self.data.ctx.planner.source)} samples, format {c.data.format}, "
-            f"packing={c.data.packing}) | seq {c.train.seq_length} | global batch {c.train.global_batch_size} = "
-            f"{self.num_micro} micro-batches x {c.train.micro_batch_size} x DP {self.dp_size}",
+            f"packing={c.data.packing}) | {self.batch_line()}",
             f"steps {self.step} -> {c.train.max_steps} | run dir {c.train.run_dir}",
         ]
         self._notice("\n[engine] ".join(lines))
 
     # ------------------------------------------------------------------ stage hooks
+    def microbatches_per_step(self) -> int | None:
+        """Micro-batches per optimizer step on each DP rank (from train.global_batch_size), None where a stage
+        sizes its own (GRPO packs each episode's rollouts)."""
+        return self.cfg.train.num_microbatches(self.dp_size)
+
+    def batch_line(self) -> str:
+        c = self.cfg.train
+        return (f"seq {c.seq_length} | global batch {c.global_batch_size} = {self.num_micro} micro-batches x "
+                f"{c.micro_batch_size} x DP {self.dp_size}")
+
     def loss_factory(self):
         """megatron loss function per micro-batch (SFT: masked NLL over assistant tokens)."""
         return nll_loss_factory(self.pg.tp, self.cfg.model.llm.vocab_size, self.cfg.train.loss_impl)

@@ -102,7 +102,7 @@ def run(args) -> None:
     else:
         full = torch.load(Path(args.init), weights_only=True)
         if args.wrong_layout:  # deliberately split SwiGLU's fc1 as if it were one matrix
-            fs._is_gated_fc1 = lambda name, model: False
+            fs.is_gated_fc1 = lambda name, model: False
         fs.load_full_state(model, full, pg.tp)
 
     ddp = wrap_ddp(model, cfg, pg)

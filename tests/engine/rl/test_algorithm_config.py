@@ -63,3 +63,39 @@ def test_config_lists_match_the_library_defaults():
     cfg = AlgorithmConfig()
     assert tuple(cfg.metrics.hallucination_phrases) == DEFAULT_HALLUCINATION_PHRASES
     assert tuple(cfg.metrics.reasoning_words) == DEFAULT_REASONING_WORDS == tuple(cfg.decoding.banned_words)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("grpo.seq_mean_counts_empty=true", "only in the seq-mean"),
+    ("decoding.thinking_budget=16", "act only in mode=budget"),
+    ("decoding.answer_prefix=Final", "act only in mode=budget"),
+])
+def test_knobs_that_would_do_nothing_are_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(apply_overrides({}, [override]))
+
+
+def test_aggregation_modes_match_the_kernels():
+    import kernels
+    from engine.config.algorithm import AGG_MODES
+
+    assert AGG_MODES == kernels.AGGREGATION_MODES
+
+
+GRPO = ["train.stage=grpo", "data.format=rl", "data.packing=false", "train.global_batch_size=1024",
+        "algorithm.grpo.max_response_length=1024"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.global_batch_size=8"], "mini_batch_size x group_size = 32 x 32 = 1024"),
+    (["algorithm.decoding.mode=nothink"], "set data.thinking=no_think"),
+    (["data.thinking=no_think", "algorithm.decoding.mode=nothink"], "set prompt_opens_think=false"),
+    (["data.thinking=no_think", "algorithm.reward.prompt_opens_think=false"], "set data.thinking=think"),
+])
+def test_grpo_stage_rejects_knobs_it_would_ignore(overrides, message):
+    from engine.config import load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, GRPO + overrides)
+    assert load_config(None, GRPO + ["data.thinking=no_think", "algorithm.decoding.mode=nothink",
+                                     "algorithm.reward.prompt_opens_think=false"]).algorithm.decoding.mode == "nothink"

@@ -2,21 +2,15 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from engine.rl.decoding import (
-    RepetitionPenaltyProcessor, ThinkingBudget, alcotd_penalty, apply_logit_bias, banned_word_bias,
-    build_decoding_plan, force_tokens, minmax_scale,
-)
-
-ASSISTANT = "<|im_start|>assistant\n"
+from engine.rl.decoding import ThinkingBudget, alcotd_penalty, banned_word_bias, build_decoding_plan, minmax_scale
+from engine.rollout.sampling import apply_logit_bias
 
 
-def test_prompt_suffixes_per_mode(bpe_tokenizer):
-    assert build_decoding_plan("think").prompt(ASSISTANT) == ASSISTANT + "<think>\n"
-    nothink = build_decoding_plan("nothink")
-    assert nothink.prompt(ASSISTANT) == ASSISTANT and not nothink.starts_in_thinking
-    assert build_decoding_plan("nowait", bpe_tokenizer).prompt(ASSISTANT).endswith("<think>\n")
+def test_prompt_template_per_mode(bpe_tokenizer):
+    assert build_decoding_plan("think").thinking == "think"
+    assert build_decoding_plan("nothink").thinking == "no_think"  # the prompt does not open <think>
+    assert build_decoding_plan("nowait", bpe_tokenizer).thinking == "think"
     with pytest.raises(ValueError, match="thinking_budget"):
         build_decoding_plan("budget", bpe_tokenizer)
     with pytest.raises(ValueError, match="unknown decoding mode"):
@@ -36,7 +30,7 @@ def test_nowait_bans_every_variant_and_greedy_avoids_them(bpe_tokenizer):
     logits = torch.zeros(2, vocab)
     logits[:, sorted(banned)] = 50.0  # the model wants to say "Wait"
     logits[1, 7] = 10.0
-    out = apply_logit_bias(logits, plan.logit_bias)
+    out = apply_logit_bias(logits, plan.logit_bias)  # what the native engine applies (vLLM: the same bias, clamped)
     assert int(out[1].argmax()) == 7 and int(out[0].argmax()) not in banned
 
 
@@ -80,11 +74,11 @@ def test_budget_in_a_sampling_loop(bpe_tokenizer):
     for _ in range(12):
         logits = torch.randn(2, vocab, generator=g)
         logits[:, end_ids] = -1e9  # this "model" never closes on its own
-        logits = force_tokens(logits, [tb.forced_token(s) for s in states])
         nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).flatten().tolist()
         for b in range(2):
-            seqs[b].append(nxt[b])
-            states[b] = tb.advance(states[b], nxt[b])
+            tok = tb.forced_token(states[b])
+            seqs[b].append(nxt[b] if tok is None else tok)
+            states[b] = tb.advance(states[b], seqs[b][-1])
     answer_ids = bpe_tokenizer.encode("Answer:", add_special_tokens=False).ids
     for seq in seqs:
         assert seq[4:4 + len(end_ids) + len(answer_ids)] == end_ids + answer_ids
@@ -100,22 +94,6 @@ def test_alcotd_penalty_by_hand():
     # (v + 2t) / 3 = [0, 1/6, 1]
     assert p.tolist() == pytest.approx([math.exp(0.5), math.exp(0.5 * 5 / 6), 1.0], rel=1e-6)
     assert minmax_scale(torch.tensor([3.0, 3.0])).tolist() == [0.5, 0.5]
-
-
-def test_repetition_penalty_matches_transformers_and_per_row():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(3, 20, generator=g)
-    ids = torch.tensor([[1, 2, 2, 5], [0, 19, 3, 3], [7, 8, 9, 10]])
-    ours = RepetitionPenaltyProcessor(1.3)(ids, scores.clone())
-    theirs = RepetitionPenaltyLogitsProcessor(penalty=1.3)(ids, scores.clone())
-    assert torch.allclose(ours, theirs)
-    per_row = RepetitionPenaltyProcessor(torch.tensor([1.0, 2.0, 1.5]))(ids, scores.clone())
-    assert torch.equal(per_row[0], scores[0])  # P = 1: unchanged
-    s = scores[1, 19]
-    assert per_row[1, 19] == (s / 2 if s > 0 else s * 2)
-    assert torch.equal(per_row[1, 4:19], scores[1, 4:19])  # unseen ids untouched
-    with pytest.raises(ValueError):
-        RepetitionPenaltyProcessor(0.0)
 
 
 def test_plan_from_config(bpe_tokenizer):

@@ -81,3 +81,28 @@ def test_bad_inputs():
         mpo_loss(pc, pr, rc, rr, torch.tensor([5]))
     with pytest.raises(ValueError, match="chosen_lengths"):
         mpo_loss(pc, pr, rc, rr, torch.tensor([0, 3]))
+
+
+def test_token_mean_nll_option():
+    """nll_norm='token' (TRL's DPO NLL): Σ -log π(y_c) / Σ |y_c|, so every token weighs the same."""
+    pc, pr, rc, rr, lengths = _batch()
+    out = mpo_loss(pc, pr, rc, rr, lengths, w_pref=0, w_quality=0, w_gen=1, nll_norm="token")
+    assert float(out.gen) == pytest.approx((10 + 20) / (5 + 10))
+    out.loss.backward()
+    assert pc.grad.tolist() == pytest.approx([-1 / 15, -1 / 15])
+    with pytest.raises(ValueError, match="nll_norm"):
+        mpo_loss(pc, pr, rc, rr, lengths, nll_norm="pair")
+
+
+def test_reward_shift_running_mean_of_batch_means():
+    """TRL's bco_pair: one batch mean per update. A batch of 2 rewards and one of 1 weigh the same."""
+    by_batch, by_reward = RewardShift(average="batch_means"), RewardShift()
+    for batch in (torch.tensor([1.0, 3.0]), torch.tensor([8.0])):
+        by_batch.update(batch)
+        by_reward.update(batch)
+    assert by_batch.value == pytest.approx((2.0 + 8.0) / 2) and by_reward.value == pytest.approx(12.0 / 3)
+    restored = RewardShift()
+    restored.load_state_dict(by_batch.state_dict())
+    assert restored.update(torch.tensor([5.0])) == pytest.approx((2.0 + 8.0 + 5.0) / 3)
+    with pytest.raises(ValueError, match="average"):
+        RewardShift(average="median")

@@ -12,6 +12,7 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -86,7 +87,7 @@ def vllm(args) -> None:
     engine.wake()
     pushes = []
     for _ in range(3):  # timing: the first push includes vLLM's one-off reload set-up
-        pushes.append(engine.update_weights(model))
+        pushes.append(dataclasses.asdict(engine.update_weights(model)))
     out["after"] = tokens(engine)
     out["vllm_tokens_per_s"] = engine.stats["tokens_per_s"]
     out["reference_after"], out["native_tokens_per_s"] = reference("after")

@@ -162,3 +162,60 @@ def test_tp2_greedy_equals_full_forward(engine, tmp_path):
     assert other["cached"] == out["cached"] and other["hot_samples"] == out["hot_samples"]  # ranks agree
     sampled = [t for ids in out["hot_samples"] for t in ids]
     assert len(sampled) == 4 * 4 * 10 and max(sampled) < 300, "a TP padding column was sampled"
+
+
+def _unused_id(results, start: int = 200) -> int:
+    seen = {t for r in results for c in r.completions for t in c.token_ids}
+    return next(t for t in range(start, 300) if t not in seen)
+
+
+def test_thinking_budget_forces_the_close_and_the_answer_prefix(engine):
+    """Budget mode through the native engine (engine/rollout/decoding.py): greedy with a budget of 3 thinking
+    tokens = plain greedy for 3 tokens, then '</think>' + the answer prefix (forced: marked, log-prob 0), then
+    greedy again on the full context — the full-forward reference of that context."""
+    from engine.rl.decoding import DecodingPlan, ThinkingBudget
+    from engine.rollout.decoding import generate_with_plan
+
+    reqs = prompts_and_tiles()
+    params = SamplingParams(temperature=0, max_tokens=12)
+    think = generate_with_plan(engine, reqs, params, DecodingPlan("think", "think"))
+    end = _unused_id(think)  # a '</think>' this model never says by itself: the budget must close it
+    prefix = (end + 1, end + 2)
+    budget = generate_with_plan(engine, reqs, params, DecodingPlan("budget", "think", budget=ThinkingBudget(3, (end,), prefix)))
+    for req, t, b in zip(reqs, think, budget):
+        (tc,), (bc,) = t.completions, b.completions
+        assert tc.forced is None and len(tc.token_ids) == 12  # think: 12 thinking tokens, never closed
+        assert bc.token_ids[:6] == tc.token_ids[:3] + [end, *prefix] and len(bc.token_ids) == 12
+        assert bc.sampled() == [True] * 3 + [False] * 3 + [True] * 6 and bc.logprobs[3:6] == [0.0] * 3
+        tiles = req.images if isinstance(req.images, torch.Tensor) else None
+        ref_ids, ref_lps = full_forward_greedy(engine.model, engine.tp_group, engine.vocab_size,
+                                               req.prompt_token_ids + bc.token_ids[:6], 6, tiles)
+        assert bc.token_ids[6:] == ref_ids
+        torch.testing.assert_close(torch.tensor(bc.logprobs[6:]), torch.tensor(ref_lps), rtol=0, atol=2e-5)
+    # a model that closes its thinking within the budget is left alone: '</think>' = its 2nd greedy token
+    first = think[0].completions[0].token_ids
+    early = generate_with_plan(engine, reqs[:1], params, DecodingPlan("budget", "think",
+                                                                      budget=ThinkingBudget(3, (first[1],), prefix)))
+    assert early[0].completions[0].token_ids == first and early[0].completions[0].forced is None
+
+
+def test_thinking_budget_with_sampling_and_stop_tokens(engine):
+    """n samples per prompt, seeded: every sample thinks at most `budget` sampled tokens before '</think>';
+    a stop token inside the thinking ends the sample there (nothing forced)."""
+    from engine.rl.decoding import DecodingPlan, ThinkingBudget
+    from engine.rollout.decoding import generate_with_plan
+
+    reqs = prompts_and_tiles()
+    plain = engine.generate(reqs, SamplingParams(temperature=0, max_tokens=10))
+    end = _unused_id(plain, start=250)
+    stop = plain[1].completions[0].token_ids[1]  # prompt 1 (greedy) stops inside its thinking
+    plan = DecodingPlan("budget", "think", budget=ThinkingBudget(4, (end,)))
+    sampled = generate_with_plan(engine, reqs, SamplingParams(temperature=1.0, max_tokens=10, n=3, seed=3), plan)
+    for r in sampled:
+        assert len(r.completions) == 3
+        for c in r.completions:
+            close = c.token_ids.index(end) if end in c.token_ids else len(c.token_ids)
+            assert close <= 4 and (close == len(c.token_ids) or not c.sampled()[close])
+    greedy = generate_with_plan(engine, reqs[1:2], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop]), plan)
+    c, ids = greedy[0].completions[0], plain[1].completions[0].token_ids
+    assert c.token_ids == ids[: ids.index(stop) + 1] and c.finish_reason == "stop" and c.forced is None

@@ -105,3 +105,20 @@ def test_rollout_config_defaults_and_errors():
     assert load_config(None, ["rollout.backend=native"]).rollout.backend == "native"
     with pytest.raises(ConfigError, match="rollout.kv_cach"):
         load_config(None, ["rollout.kv_cache=1"])  # unknown key, with a suggestion
+
+
+def test_stop_ids_and_image_ids_come_from_the_tokenizer(tmp_path):
+    """One helper for every caller: the chat end and EOS where the tokenizer has them; ids a tokenizer lacks
+    (None, or its unknown id, depending on the transformers version) never become stop ids."""
+    from transformers import AutoTokenizer
+
+    from engine.rollout.base import image_token_ids, stop_token_ids
+    from tests.engine.rollout.tiny import IMG_CONTEXT, IMG_END, IMG_START, VIDEO, write_tokenizer
+
+    tiny = AutoTokenizer.from_pretrained("assets/tiny_tokenizer")
+    assert stop_token_ids(tiny) == [tiny.convert_tokens_to_ids("<|im_end|>")] == [tiny.eos_token_id]
+    assert image_token_ids(tiny) == {tiny.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>")}
+    words = write_tokenizer(tmp_path)  # word-level, unk 'w0' = id 0, no EOS
+    assert words.convert_tokens_to_ids("<|im_end|>") in (None, 0) and words.eos_token_id is None
+    assert stop_token_ids(words) == []
+    assert image_token_ids(words) == {IMG_START, IMG_END, IMG_CONTEXT, VIDEO}

@@ -96,12 +96,38 @@ def test_weight_push_changes_outputs_to_ours(text):
     after, expected = _ids(engine.generate(reqs, GREEDY)), _ids(native.generate(reqs, GREEDY))
     assert after == expected and after != before
     # embed, final norm, lm_head + per layer: 2 norms, q/k/v weight + bias, o_proj, gate, up, down
-    assert stats["tensors"] == 3 + 12 * text["cfg"].model.llm.num_layers
+    assert stats.tensors == 3 + 12 * text["cfg"].model.llm.num_layers
     # pushing HF-named tensors directly works too (here: the original file's weights back)
     from safetensors.torch import load_file
 
     engine.update_weights(load_file(str(text["hf_dir"] / "model.safetensors")))
     assert _ids(engine.generate(reqs, GREEDY)) == before
+
+
+def test_thinking_budget_through_vllm_equals_native(text):
+    """Budget mode is engine-agnostic rounds of generate(): vLLM (stop at '</think>', continue from the longer
+    prompt) gives the native engine's tokens, log-probs and forced marks."""
+    from engine.rl.decoding import DecodingPlan, ThinkingBudget
+    from engine.rollout.decoding import generate_with_plan
+
+    engine, native = text["engine"], text["native"]
+    engine.update_weights(text["model"])  # both engines on the model's current weights
+    reqs = [GenerationRequest(p) for p in PROMPTS]
+    plain = native.generate(reqs, GREEDY)
+    seen = {t for r in plain for c in r.completions for t in c.token_ids}
+    end = next(t for t in range(250, 300) if t not in seen)  # a '</think>' the model never says by itself
+    plan = DecodingPlan("budget", "think", budget=ThinkingBudget(3, (end,), (end + 1,)))
+    ours, ref = generate_with_plan(engine, reqs, GREEDY, plan), generate_with_plan(native, reqs, GREEDY, plan)
+    assert _ids(ours) == _ids(ref)
+    for a, b in zip(ours, ref):
+        (ca,), (cb,) = a.completions, b.completions
+        assert ca.token_ids[3:5] == [end, end + 1] and ca.forced == cb.forced == [False] * 3 + [True] * 2 + [False] * 7
+        torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), rtol=0, atol=1e-4)
+    # the model closing its thinking itself within the budget: nothing forced, plain greedy output
+    early = plain[0].completions[0].token_ids
+    plan = DecodingPlan("budget", "think", budget=ThinkingBudget(3, (early[1],), (end,)))
+    (res,) = generate_with_plan(engine, reqs[:1], GREEDY, plan)
+    assert res.completions[0].token_ids == early and res.completions[0].forced is None
 
 
 def test_sleep_and_wake_on_cpu_are_logged_no_ops(text):
@@ -152,7 +178,7 @@ def test_internvl_generates_with_an_image(text, tmp_path_factory):
     from safetensors import safe_open
 
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
-        assert stats["tensors"] == len(list(f.keys()))  # every tensor of the checkpoint was pushed
+        assert stats.tensors == len(list(f.keys()))  # every tensor of the checkpoint was pushed
 
 
 @pytest.mark.parametrize("tp, pp, rollout_tp", [(2, 1, 1), (2, 1, 2), (1, 2, 1)],

@@ -18,7 +18,7 @@ def main(out: str, tp: int) -> None:
     from engine.model.build import build_for_this_stage
     from engine.parallel.init import initialize, shutdown
     from engine.parallel.wrap import wrap_ddp
-    from engine.train.grpo import _grpo_micro_loss, _token_logprobs_loss
+    from engine.train.grpo_loss import grpo_loss, token_logprobs_loss
     from engine.train.optim import build_optimizer
     from engine.train.step import forward_backward
     from tests.engine.parallel.dist_worker import TINY
@@ -38,12 +38,13 @@ def main(out: str, tp: int) -> None:
     adv = torch.zeros(2, S)
     adv[0, 20:40], adv[1, 20:40] = 1.0, -1.0
     batch = dict(tokens=tokens, labels=labels, loss_mask=mask, advantages=adv, position_ids=torch.arange(S).repeat(2, 1),
+                 segment_ids=torch.ones(2, S, dtype=torch.long), sample_mask=mask.clone(),
                  pixel_values=torch.zeros(0, 3, 56, 56), tiles_per_row=torch.zeros(2, dtype=torch.long),
                  sample_ids=[["pos"], ["neg"]])
 
     def seq_logps():
         with torch.no_grad():
-            rep = forward_backward(ddp, [batch], pg, lambda b: partial(_token_logprobs_loss, b, pg.tp, vocab, 1.0),
+            rep = forward_backward(ddp, [batch], pg, lambda b: partial(token_logprobs_loss, b, pg.tp, vocab, 1.0),
                                    forward_only=True)
         return rep[0]["logprobs"]
 
@@ -51,7 +52,7 @@ def main(out: str, tp: int) -> None:
     batch["old_logprobs"], batch["ref_logprobs"] = before, None
     ddp.zero_grad_buffer()
     opt.zero_grad()
-    forward_backward(ddp, [batch], pg, lambda b: partial(_grpo_micro_loss, b, pg.tp, vocab, g, "fused"))
+    forward_backward(ddp, [batch], pg, lambda b: partial(grpo_loss, b, pg.tp, vocab, g, "fused"))
     ok, _, _ = opt.step()
     after = seq_logps()
     if dist.get_rank() == 0:
