@@ -166,5 +166,5 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, i
     change = torch.ones_like(flat, dtype=torch.bool)
     change[1:] = flat[1:] != flat[:-1]
     starts = torch.nonzero(change | row_start).squeeze(1)
-    cu = torch.cat([starts, torch.tensor([B * S])]).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([B * S], device=flat.device)]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
