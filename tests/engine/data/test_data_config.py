@@ -19,7 +19,7 @@ def test_defaults_are_valid():
         (["data.tile_size=224"], "model.vision.image_size"),
         (["data.min_tiles=3", "data.max_tiles=2"], "min_tiles <= max_tiles"),
         (["data.min_tiles=0"], "min_tiles <= max_tiles"),
-        (["data.format=preference"], "set data.packing=false"),
+        (["data.format=rl"], "set data.packing=false"),
         (["data.max_tiles=20"], "lower data.max_tiles or raise seq_length"),
         (["data.image_pipeline=opencv"], "not one of"),
         (["data.on_error=ignore"], "not one of"),
