@@ -93,3 +93,26 @@ def test_freezing_configurations_train_only_their_modules(tmp_path):
                     assert changed, f"{case}: trainable parameter {name} did not move"
                 else:
                     assert not changed, f"{case}: frozen parameter {name} changed"
+
+
+def test_sequence_parallel_matches_tp1_pp1(reference, tmp_path):
+    """TP=2 with sequence parallel (LocalNorm marked for SP, image merge before the scatter, ViT unsplit) and
+    packed THD rows gives the TP=1 losses, logits and gradients."""
+    init, ref = reference
+    torchrun(WORKER, ["--mode", "compare", "--tp", "2", "--init", str(init), "--out", str(tmp_path),
+                      "--override", "parallel.sequence_parallel=true"], nproc=2)
+    assert_equivalent(ref, merged(tmp_path))
+
+
+def test_overlapped_grad_reduce_changes_nothing_at_dp2(tmp_path):
+    """DP=2 with the distributed optimizer: the gradient reduce-scatter overlapped with backward (megatron DDP
+    buckets started by backward hooks, performance.overlap_grad_reduce) leaves the same main_grad buffers as the
+    synchronous one after the step's last micro-batch."""
+    runs = {}
+    for overlap in ("true", "false"):
+        out = tmp_path / overlap
+        torchrun(WORKER, ["--mode", "reference", "--out", str(out), "--override",
+                          f"performance.overlap_grad_reduce={overlap}"], nproc=2)
+        runs[overlap] = merged(out)
+    d = max_differences(runs["false"], runs["true"])
+    assert d["loss"] == 0 and d["grads"] == 0, d  # the same reductions, only started earlier
