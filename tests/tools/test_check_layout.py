@@ -45,6 +45,7 @@ def test_38b_recipes_set_up_on_meta_at_their_world_sizes(tmp_path):
         assert r["max_static_gib"] + ACTIVATION_RESERVE_GIB < H100_GIB, (name, r["max_static_gib"])
         if name == "r1v_alcotd":
             continue  # the generation job: its DP size is free
+        if "grpo" in name:
             assert (r["tp"], r["pp"], r["dp"]) == (8, 1, 32), name  # grpo.py rejects PP > 1
         else:
             assert (r["tp"], r["pp"], r["dp"]) == (8, 4, 16), name
