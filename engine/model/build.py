@@ -14,12 +14,14 @@ from engine.model.vision import InternViT
 from engine.model.vlm import VLM
 
 
-def build_vlm(cfg, pg_collection, pre_process: bool = True, post_process: bool = True, cuda: bool | None = None) -> VLM:
+def build_vlm(cfg, pg_collection, pre_process: bool = True, post_process: bool = True, cuda: bool | None = None,
+              vp_stage: int | None = None) -> VLM:
     """cfg: the root Config. pg_collection: megatron ProcessGroupCollection from engine.parallel.
 
     Built where the default device says (CPU, or meta inside `with torch.device("meta")`); placing it on the
     GPU is `engine.parallel.device.place_module`'s job (build_for_this_stage does both). `cuda` resolves the
-    performance switches for a machine with/without a GPU (default: this one)."""
+    performance switches for a machine with/without a GPU (default: this one). `vp_stage`: which virtual pipeline
+    chunk of this rank's stage (parallel.virtual_pipeline_model_parallel_size > 1)."""
     mcfg, pcfg = cfg.model, cfg.parallel
     perf = cfg.performance.resolve(cfg, cuda=cuda)
     if torch.get_default_device().type == "meta":
@@ -43,6 +45,7 @@ def build_vlm(cfg, pg_collection, pre_process: bool = True, post_process: bool =
         # the VLM merges image embeddings into the full sequence first, then scatters it for sequence parallel
         scatter_embedding_sequence_parallel=False,
         pg_collection=pg_collection,
+        vp_stage=vp_stage,
     )
     vision = projector = None
     if pre_process and not mcfg.text_only:
@@ -60,10 +63,23 @@ def build_vlm(cfg, pg_collection, pre_process: bool = True, post_process: bool =
 
 def build_for_this_stage(cfg, pg_collection) -> VLM:
     """pre/post process from this rank's pipeline position; placed on this rank's compute device (its GPU)."""
+    if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
+        raise ValueError("with parallel.virtual_pipeline_model_parallel_size > 1 a rank holds several model chunks: "
+                         "use build_model_chunks")
+    return build_model_chunks(cfg, pg_collection)[0]
+
+
+def build_model_chunks(cfg, pg_collection) -> list[VLM]:
+    """This rank's model chunks, placed on its compute device: one per virtual pipeline stage (interleaved 1F1B;
+    chunk v of pipeline rank r holds layer block v * PP + r), else one. The vision encoder and connector live in
+    the first chunk of the first stage, the output layer in the last chunk of the last stage."""
     import torch.distributed as dist
 
     from engine.parallel.device import place_module
 
     pp_group = pg_collection.pp
     rank, size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
-    return place_module(build_vlm(cfg, pg_collection, pre_process=rank == 0, post_process=rank == size - 1))
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    return [place_module(build_vlm(cfg, pg_collection, pre_process=rank == 0 and v == 0,
+                                   post_process=rank == size - 1 and v == vpp - 1, vp_stage=v if vpp > 1 else None))
+            for v in range(vpp)]

@@ -34,6 +34,18 @@ def wrap_ddp(model, cfg, pg_collection):
     return ddp
 
 
+def wrap_ddp_chunks(chunks, cfg, pg_collection) -> list:
+    """DDP around each virtual-pipeline chunk; the schedule reads the hooks from the first chunk's config."""
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+
+    ddps = [DistributedDataParallel(config=c.config, ddp_config=ddp_config(cfg), module=c, pg_collection=pg_collection)
+            for c in chunks]
+    tcfg = chunks[0].config
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
+    return ddps
+
+
 def sync_params(ddp) -> None:
     """Make every parameter current after an optimizer step (a no-op unless overlap_param_gather is on): call
     before reading parameters outside a forward pass (checkpoint save)."""

@@ -70,8 +70,8 @@ def nll_loss_factory(tp_group, vocab_size: int, impl: str = "reference"):
 
 def forward_backward(model, microbatches: list[dict], pg_collection, loss_factory,
                      forward_only: bool = False) -> list[dict]:
-    """Run all micro-batches (1F1B under PP). Returns each micro-batch's report on the last pipeline
-    stage, [] elsewhere. `loss_factory(batch)` gives the megatron loss function for that micro-batch; it gets
+    """Run all micro-batches (1F1B under PP; interleaved 1F1B when `model` is a list of virtual-pipeline chunks).
+    Returns each micro-batch's report on the last pipeline stage, [] elsewhere. `loss_factory(batch)` gives the megatron loss function for that micro-batch; it gets
     the batch as placed on the compute device (engine.parallel.device.place_batch), so every stage's loss sees
     device tensors. Micro-batches stay on the host until their forward step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -87,10 +87,16 @@ def forward_backward(model, microbatches: list[dict], pg_collection, loss_factor
 
     b, s = microbatches[0]["tokens"].shape
     thd = microbatches[0].get("segment_ids") is not None
+    for mb in microbatches:  # the pipeline's p2p buffers have one shape for the whole step
+        if mb["tokens"].shape != (b, s) or (mb.get("segment_ids") is not None) != thd:
+            raise ValueError(f"micro-batches of one step must share their shape and packing: {tuple(mb['tokens'].shape)} "
+                             f"vs {(b, s)}")
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     return get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[model],
+        # every chunk reads the micro-batches in order (each chunk's forward needs the batch's shapes and ids)
+        data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+        model=chunks,
         num_microbatches=len(microbatches),
         # the pipeline's p2p shape: THD runs one packed row of b*s tokens
         seq_length=b * s if thd else s,

@@ -35,6 +35,11 @@ class Trainer:
         from engine.parallel.wrap import wrap_ddp
 
         self.cfg = cfg
+        if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
+            raise NotImplementedError(
+                "parallel.virtual_pipeline_model_parallel_size > 1: the model chunks and the interleaved schedule work "
+                "(engine.model.build.build_model_chunks, engine.train.step.forward_backward with a list of chunks), "
+                "but the trainers, checkpoints and reference model still hold one module; set it to 1")
         self.pg = initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)

@@ -104,6 +104,16 @@ def test_sequence_parallel_matches_tp1_pp1(reference, tmp_path):
     assert_equivalent(ref, merged(tmp_path))
 
 
+def test_virtual_pipeline_stages_match_tp1_pp1(reference, tmp_path):
+    """PP=2 x 2 virtual stages (interleaved 1F1B): rank r holds layer chunks r and r + 2; same losses and gradients."""
+    init, ref = reference
+    torchrun(WORKER, ["--mode", "compare", "--pp", "2", "--init", str(init), "--out", str(tmp_path),
+                      "--override", "parallel.virtual_pipeline_model_parallel_size=2"], nproc=2)
+    layers = {int(f.stem[4:]): torch.load(f, weights_only=False)["layers"] for f in tmp_path.glob("rank*.pt")}
+    assert layers == {0: [[1], [3]], 1: [[2], [4]]}
+    assert_equivalent(ref, merged(tmp_path))
+
+
 def test_overlapped_grad_reduce_changes_nothing_at_dp2(tmp_path):
     """DP=2 with the distributed optimizer: the gradient reduce-scatter overlapped with backward (megatron DDP
     buckets started by backward hooks, performance.overlap_grad_reduce) leaves the same main_grad buffers as the
