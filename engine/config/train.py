@@ -22,7 +22,7 @@ class TrainConfig:
     run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
     init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
-    recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
+    recompute_activations: bool = field_(False, "activation recomputation in the LLM (what: performance.recompute_granularity)")
     fp8: Literal["e4m3", "hybrid"] | None = field_(
         None, "Transformer Engine FP8 GEMMs (hybrid: e4m3 forward, e5m2 gradients); needs TE and bf16 params")
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field_("delayed", "TE FP8 scaling recipe")
