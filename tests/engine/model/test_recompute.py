@@ -23,10 +23,10 @@ def _grads(cfg, pg, state):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["performance.recompute_granularity=selective", "performance.recompute_modules=[mlp,layernorm,core_attn]"],
+    ["performance.recompute_granularity=selective", "performance.recompute_modules=[mlp,layernorm,core_attn]",
+     "performance.recompute_vision=true"],
     ["performance.recompute_granularity=full"],
-    ["train.recompute_activations=false", "performance.recompute_vision=true"],
-], ids=["selective", "full", "vision"])
+], ids=["selective+vision", "full"])
 def test_recompute_gives_the_same_gradients(single_process_pg, overrides):
     plain_cfg = load_config(None, TINY)
     torch.manual_seed(0)
