@@ -13,6 +13,7 @@ from engine.config.data import DataConfig
 from engine.config.model import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from engine.config.optim import OptimConfig
 from engine.config.parallel import ParallelConfig
+from engine.config.performance import PerformanceConfig
 from engine.config.rollout import RolloutConfig
 from engine.config.train import TrainConfig
 
@@ -26,6 +27,7 @@ class Config:
     train: TrainConfig = field_(factory=TrainConfig, help="training loop")
     algorithm: AlgorithmConfig = field_(factory=AlgorithmConfig, help="RL / preference algorithms (GRPO, MPO, SSB, rewards)")
     rollout: RolloutConfig = field_(factory=RolloutConfig, help="generation backend for RL and evaluation")
+    performance: PerformanceConfig = field_(factory=PerformanceConfig, help="speed/memory switches (fusions, overlap, recompute)")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -61,5 +63,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 __all__ = [
     "AlgorithmConfig", "Config", "ConfigError", "DataConfig", "LLMConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "ProjectorConfig", "RolloutConfig", "TrainConfig", "VisionConfig", "field_", "load_config", "to_dict",
+    "PerformanceConfig", "ProjectorConfig", "RolloutConfig", "TrainConfig", "VisionConfig", "field_", "load_config",
+    "to_dict",
 ]

@@ -45,7 +45,8 @@ class DataConfig:
     truncate: bool = field_(
         False, "cut samples longer than train.seq_length (only in text after the last image); false = error"
     )
-    packing: bool = field_(True, "pack several samples per row (first-fit-decreasing); false = one sample per row")
+    packing: bool = field_(True, "pack several samples per row (first-fit-decreasing; preference: both sequences of a "
+                                 "pair in one micro-batch of 2 x micro_batch_size rows); false = one sample per row")
     pack_window: int = field_(512, "samples looked at together by the packer (bigger packs tighter, costs memory)",
                               bounds="[1, inf)")
     shuffle: bool = field_(True, "shuffle the sample order each epoch")
@@ -70,9 +71,9 @@ class DataConfig:
             raise ConfigError(
                 f"data.min_tiles={self.min_tiles}, data.max_tiles={self.max_tiles}: need 1 <= min_tiles <= max_tiles"
             )
-        if self.format != "sft" and self.packing:
-            # Preference rows come in chosen/rejected pairs and RL prompts are generated from; neither packs.
-            raise ConfigError(f"data.packing=true is only for data.format=sft (got {self.format}); set data.packing=false")
+        if self.format == "rl" and self.packing:
+            # RL prompts are generated from, not trained on (GRPO packs its rollout rows itself)
+            raise ConfigError("data.packing=true is for data.format=sft or preference (got rl); set data.packing=false")
         if not self.tokenizer_path:
             raise ConfigError("data.tokenizer_path is empty; point it at a local HF tokenizer directory")
         tiles = self.max_tiles + (1 if self.thumbnail and self.max_tiles > 1 else 0)

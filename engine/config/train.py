@@ -27,7 +27,7 @@ class TrainConfig:
                            "[model.llm.max_position_embeddings] (others are an error; freeze flags, transformer_impl and "
                            "params_dtype may always differ)")
     loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
-    recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
+    recompute_activations: bool = field_(False, "activation recomputation in the LLM (what: performance.recompute_granularity)")
     fp8: Literal["e4m3", "hybrid"] | None = field_(
         None, "Transformer Engine FP8 GEMMs (hybrid: e4m3 forward, e5m2 gradients); needs TE and bf16 params")
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = field_("delayed", "TE FP8 scaling recipe")

@@ -14,9 +14,9 @@ SFT (packed or not), one dict per micro-batch, B rows of S = train.seq_length:
     sample_ids    list[list[str]] ids of the samples in each row
 Number of image tokens in row b == tiles_per_row[b] * tokens_per_tile (checked here).
 
-Preference: rows 2i = chosen, 2i+1 = rejected of pair i (each row one sample, never packed), plus
-    pair_index int64 [B] (= i for both rows) and scores float32 [B] (NaN when the file has none).
-    The pair's images appear twice in pixel_values, once per row, so each row owns its tiles.
+Preference: the chosen and rejected sequences of each pair are segments of the rows (unpacked: chosen of pair i
+    in row 2i, rejected in row 2i+1; packed: several sequences per row, both of a pair in the same micro-batch),
+    plus sequence_index [B, S], pair_index [2P] and scores [2P]: see `collate_preference`.
 RL prompts: see `collate_rl`.
 """
 
@@ -89,18 +89,94 @@ def collate_sft(rows: list[list[LoadedSample]], seq_length: int, pad_id: int, to
     )
 
 
-def collate_preference(pairs: list[LoadedSample], seq_length: int, pad_id: int, tokens_per_tile: int,
-                       image_token_id: int, tile_size: int) -> dict:
-    rows, pixels, pair_index, scores = [], [], [], []
-    for i, s in enumerate(pairs):
-        p = s.planned
-        rows += [[(p.tokens, p.learn, p.id)], [(p.rejected.tokens, p.rejected.learn, p.id)]]
-        pixels += [[s.pixel_values], [s.pixel_values]]
-        pair_index += [i, i]
-        scores += [math.nan if v is None else v for v in p.scores]
+# A preference micro-batch layout: rows[b] = [(pair k of the micro-batch, 0 = chosen / 1 = rejected), ...] in order.
+PairLayout = list[list[tuple[int, int]]]
+
+
+def unpacked_pair_layout(num_pairs: int, num_rows: int) -> PairLayout:
+    """One sequence per row: chosen of pair i in row 2i, rejected in row 2i+1 (then empty rows up to num_rows)."""
+    rows = [[(i, which)] for i in range(num_pairs) for which in (0, 1)]
+    return rows + [[] for _ in range(num_rows - len(rows))]
+
+
+def pack_preference_pairs(pair_lengths: list[tuple[int, int]], rows_per_batch: int, seq_length: int
+                          ) -> tuple[list[list[int]], list[PairLayout]]:
+    """Pack preference pairs into micro-batches of `rows_per_batch` rows of `seq_length` tokens, both sequences of
+    a pair in the same micro-batch (MPO compares them), any row.
+
+    Two-level first fit decreasing: pairs longest (chosen + rejected) first; each goes to the first micro-batch
+    whose rows take both of its sequences (longer sequence first, each into the first row with room), else to a
+    new one. A pair whose sequences each fit a row always fits an empty micro-batch of >= 2 rows.
+    Returns (pairs of each micro-batch as indices into pair_lengths, each micro-batch's PairLayout with k = the
+    pair's position in that micro-batch's list)."""
+    if rows_per_batch < 2:
+        raise ValueError("packed preference micro-batches need >= 2 rows (a pair may need one row per sequence)")
+    order = sorted(range(len(pair_lengths)), key=lambda i: -(pair_lengths[i][0] + pair_lengths[i][1]))
+    batches: list[tuple[list[int], list[int], PairLayout]] = []  # (free tokens per row, pairs, layout)
+
+    def place(free: list[int], seqs) -> list[tuple[int, int]] | None:
+        """(row, which) of each sequence by first fit, committed to `free` only if both fit."""
+        trial, spots = list(free), []
+        for length, which in seqs:
+            row = next((b for b, f in enumerate(trial) if f >= length), None)
+            if row is None:
+                return None
+            trial[row] -= length
+            spots.append((row, which))
+        free[:] = trial
+        return spots
+
+    for i in order:
+        c, r = pair_lengths[i]
+        if max(c, r) > seq_length:
+            raise ValueError(f"preference pair {i}: {c} + {r} tokens, a sequence longer than seq_length={seq_length}")
+        seqs = sorted(((c, 0), (r, 1)), reverse=True)
+        for free, pairs, layout in batches:
+            spots = place(free, seqs)
+            if spots is not None:
+                break
+        else:  # no open micro-batch takes it: open one (two empty rows always do)
+            free, pairs, layout = [seq_length] * rows_per_batch, [], [[] for _ in range(rows_per_batch)]
+            batches.append((free, pairs, layout))
+            spots = place(free, seqs)
+        for row, which in sorted(spots, key=lambda t: t[1]):  # chosen before rejected within a row
+            layout[row].append((len(pairs), which))
+        pairs.append(i)
+    return [p for _, p, _ in batches], [lay for _, _, lay in batches]
+
+
+def collate_preference(pairs: list[LoadedSample | None], seq_length: int, pad_id: int, tokens_per_tile: int,
+                       image_token_id: int, tile_size: int, layout: PairLayout | None = None,
+                       num_rows: int | None = None) -> dict:
+    """Preference micro-batch: the sequences of `pairs` laid out by `layout` (default: unpacked, one per row) as
+    segments of `num_rows` rows. Pairs that are None (failed to load) are left out with both their sequences;
+    the remaining pairs are renumbered in order. Adds to the collate_rows keys:
+        sequence_index int64 [B, S]  j = 2 * pair + (0 chosen | 1 rejected) of the sequence at each token, -1 in padding
+        pair_index     int64 [2P]    pair of sequence j (= j // 2)
+        scores         float32 [2P]  the file's chosen / rejected scores (NaN when it has none)
+    Each sequence owns its tiles (a pair's images appear once per sequence)."""
+    if layout is None:
+        layout = unpacked_pair_layout(len(pairs), num_rows or 2 * len(pairs))
+    num_rows = num_rows or len(layout)
+    if len(layout) > num_rows:
+        raise ValueError(f"preference layout has {len(layout)} rows, the micro-batch {num_rows}")
+    kept = [k for k, s in enumerate(pairs) if s is not None]
+    renumber = {k: n for n, k in enumerate(kept)}
+    rows, pixels, seq_of_segment = [], [], []
+    for row in list(layout) + [[] for _ in range(num_rows - len(layout))]:
+        row = [(k, which) for k, which in row if k in renumber]
+        enc = [(pairs[k].planned, which) for k, which in row]
+        rows.append([(p.tokens, p.learn, p.id) if which == 0 else (p.rejected.tokens, p.rejected.learn, p.id)
+                     for p, which in enc])
+        pixels.append([pairs[k].pixel_values for k, _ in row])
+        seq_of_segment.append([-1] + [2 * renumber[k] + which for k, which in row])  # segment id -> sequence j
     batch = collate_rows(rows, pixels, seq_length, pad_id, tokens_per_tile, image_token_id, tile_size)
-    batch["pair_index"] = torch.tensor(pair_index, dtype=torch.int64)
-    batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+    width = max(len(t) for t in seq_of_segment)
+    lut = torch.tensor([t + [-1] * (width - len(t)) for t in seq_of_segment], dtype=torch.int64)  # (B, k+1)
+    batch["sequence_index"] = torch.gather(lut, 1, batch["segment_ids"])  # (B, S)
+    batch["pair_index"] = torch.arange(2 * len(kept), dtype=torch.int64) // 2
+    scores = [v for k in kept for v in pairs[k].planned.scores]
+    batch["scores"] = torch.tensor([math.nan if v is None else v for v in scores], dtype=torch.float32)
     return batch
 
 
@@ -166,5 +242,5 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, i
     change = torch.ones_like(flat, dtype=torch.bool)
     change[1:] = flat[1:] != flat[:-1]
     starts = torch.nonzero(change | row_start).squeeze(1)
-    cu = torch.cat([starts, torch.tensor([B * S])]).to(torch.int32)
+    cu = torch.cat([starts, torch.tensor([B * S], device=flat.device)]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data.batch import collate_preference, collate_rl, collate_sft
+from engine.data.batch import collate_preference, collate_rl, collate_sft, pack_preference_pairs
 from engine.data.dataset import Failed, ImageLoadingDataset, LoadedSample, PlannedSample, Planner
 from engine.data.errors import DataError, SkipCounter, handle
 from engine.data.formats import SampleSource
@@ -112,15 +112,17 @@ class _Marker:
     num_rows: int
     state: dict
     plan_skips: dict = field(default_factory=dict)
+    layout: list | None = None  # packed preference: the micro-batch's PairLayout (batch.collate_preference)
 
 
 class MicroBatchPlans:
     """The DataLoader's batch_sampler: yields lists of PlannedSample (+ a _Marker)."""
 
     def __init__(self, ctx: DataContext, sampler: ShardedSampler, rows_per_batch: int, packing: bool,
-                 pack_window: int):
+                 pack_window: int, pair_packing: bool = False):
         self.ctx, self.sampler = ctx, sampler
         self.rows_per_batch, self.packing, self.pack_window = rows_per_batch, packing, pack_window
+        self.pair_packing = pair_packing  # preference pairs packed into 2 x rows_per_batch rows
         self.planned_skips = SkipCounter()  # every sample dropped while planning (logs the first of each reason)
         self.pending = Counter()  # dropped while planning, not yet counted with a returned micro-batch
         self.done_in_window = 0  # micro-batches of the window at the sampler's state already consumed
@@ -154,8 +156,14 @@ class MicroBatchPlans:
                                     f"epoch {epoch} was skipped ({self.planned_skips.summary()}); fix the data "
                                     "(tools/inspect_data.py shows why)")
                 usable_in_epoch = 0
-            rows = self._rows(plans)
-            batches = [rows[s : s + self.rows_per_batch] for s in range(0, len(rows), self.rows_per_batch)]
+            layouts = None
+            if self.pair_packing:
+                groups, layouts = pack_preference_pairs([(len(p), len(p.rejected.tokens)) for p in plans],
+                                                        2 * self.rows_per_batch, self.ctx.seq_length)
+                batches = [[[plans[i]] for i in group] for group in groups]  # one "row" per pair, as unpacked
+            else:
+                rows = self._rows(plans)
+                batches = [rows[s : s + self.rows_per_batch] for s in range(0, len(rows), self.rows_per_batch)]
             skip, self.done_in_window = self.done_in_window, 0
             if skip:  # resumed inside this window: its planning skips were counted before the checkpoint
                 self.pending.clear()
@@ -169,7 +177,7 @@ class MicroBatchPlans:
                         items.append(p)
                 state = {"sampler": window_state, "done_in_window": m + 1}
                 counted, self.pending = dict(self.pending), Counter()
-                yield items + [_Marker(self.rows_per_batch, state, counted)]
+                yield items + [_Marker(self.rows_per_batch, state, counted, layouts[m] if layouts else None)]
 
     def load_state(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
@@ -190,15 +198,16 @@ def _collate(items: list, kind: str, ctx_args: dict):
         if isinstance(it, Failed):
             skips.append((it.error.reason, str(it.error)))
             continue
-        rows[it.planned.row].append(it)
+        if kind != "preference":  # preference rows come from the pairs' layout below
+            rows[it.planned.row].append(it)
         loaded += 1
     a = ctx_args
     if kind == "sft":
         batch = collate_sft(rows, a["seq_length"], a["pad_id"], a["tokens_per_tile"], a["image_token_id"], a["tile_size"])
-    elif kind == "preference":
-        pairs = [r[0] for r in rows if r]
+    elif kind == "preference":  # 2 rows per pair slot, unpacked (chosen, rejected) or packed by marker.layout
+        pairs = [None if isinstance(it, Failed) else it for it in items[:-1]]
         batch = collate_preference(pairs, a["seq_length"], a["pad_id"], a["tokens_per_tile"], a["image_token_id"],
-                                   a["tile_size"])
+                                   a["tile_size"], layout=marker.layout, num_rows=2 * marker.num_rows)
     else:
         batch = collate_rl([r[0] for r in rows if r], a["pad_id"], a["tile_size"])
     batch["_state"] = marker.state
@@ -274,7 +283,8 @@ class DataIterator:
 
 def build_train_iterator(cfg, dp_rank: int = 0, dp_size: int = 1, path: str | Path | None = None,
                          state: dict | None = None) -> DataIterator:
-    """Micro-batches for data.format (sft: packed rows; preference: micro_batch_size pairs = 2x rows)."""
+    """Micro-batches for data.format (sft: packed rows; preference: 2 x micro_batch_size rows holding
+    micro_batch_size pairs unpacked, or as many pairs as fit when packed)."""
     d = cfg.data
     ctx = build_data_context(cfg, path)
     sampler = ShardedSampler(len(ctx.planner.source), dp_rank, dp_size, d.seed, d.shuffle)
@@ -282,8 +292,9 @@ def build_train_iterator(cfg, dp_rank: int = 0, dp_size: int = 1, path: str | Pa
         raise ValueError("data.format=rl: use build_rl_prompt_iterator (prompts have no labels)")
     rows = cfg.train.micro_batch_size
     packing = d.packing and d.format == "sft"
-    window = d.pack_window if packing else -(-d.pack_window // rows) * rows  # unpacked: whole micro-batches per window
-    plans = MicroBatchPlans(ctx, sampler, rows, packing, window)
+    pair_packing = d.packing and d.format == "preference"
+    window = d.pack_window if (packing or pair_packing) else -(-d.pack_window // rows) * rows  # unpacked: whole micro-batches
+    plans = MicroBatchPlans(ctx, sampler, rows, packing, window, pair_packing=pair_packing)
     it = DataIterator(ctx, plans, d.format, d.num_workers, d.prefetch_factor)
     if state is not None:
         it.load_state_dict(state)

@@ -12,9 +12,10 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _common(model_cfg, parallel_cfg, recompute: bool = False) -> dict:
+def _common(model_cfg, parallel_cfg, perf=None) -> dict:
+    """Settings shared by the LLM and the ViT. `perf`: engine.config.performance.ResolvedPerformance (None: the
+    CPU defaults, e.g. for checkpoint conversion)."""
     dtype = torch_dtype(model_cfg.params_dtype)
-    cuda = torch.cuda.is_available()
     kw = dict(
         tensor_model_parallel_size=parallel_cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel_cfg.pipeline_model_parallel_size,
@@ -25,23 +26,35 @@ def _common(model_cfg, parallel_cfg, recompute: bool = False) -> dict:
         fp16=dtype == torch.float16,
         attention_dropout=0.0,
         hidden_dropout=0.0,
-        # Fusions that need apex / TE / CUDA kernels: off on CPU, megatron's defaults on GPU.
-        masked_softmax_fusion=cuda,
-        bias_activation_fusion=False,  # needs bias on fc1 for GELU-less SwiGLU paths; kept off both ways
-        bias_dropout_fusion=cuda,
-        apply_rope_fusion=False,
+        # The local spec's attention is engine.model.attention.SDPAttention (no apex softmax) and TE brings its
+        # own kernels, so megatron's masked-softmax fusion is never on the path.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=bool(perf and perf.bias_activation_fusion),
+        bias_dropout_fusion=torch.cuda.is_available(),  # a jit-scripted add, no extension needed
+        apply_rope_fusion=bool(perf and perf.rope_fusion),
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        # Weights are created as full tensors on the CPU with the default generator and then split,
-        # so a given seed gives the same model at every TP size.
-        use_cpu_initialization=True,
+        gradient_accumulation_fusion=bool(perf and perf.gradient_accumulation_fusion),
+        # CPU initialisation: weights are created as full tensors with the default generator and then split, so
+        # a given seed gives the same model at every TP size. GPU initialisation builds each rank's shard on
+        # its GPU (megatron's per-rank init; no full 38B tensors in host memory).
+        use_cpu_initialization=perf.cpu_initialization if perf is not None else True,
         init_method_std=0.02,
         calculate_per_token_loss=True,
         variable_seq_lengths=False,
+        # gloo's batched p2p (batch_isend_irecv) pairs the interleaved schedule's concurrent same-shaped sends
+        # wrongly (seen at PP=2 x 2 virtual stages: every micro-batch after the first group got another's
+        # activations); individual isend/irecv are exact. NCCL keeps megatron's default.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
-    if recompute:
-        kw.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return kw
+
+
+def _recompute_kwargs(perf) -> dict:
+    if perf is None or perf.recompute_granularity is None:
+        return {}
+    if perf.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity="selective", recompute_modules=list(perf.recompute_modules))
 
 
 def fp8_kwargs(train_cfg) -> dict:
@@ -53,12 +66,15 @@ def fp8_kwargs(train_cfg) -> dict:
                 fp8_amax_compute_algo=train_cfg.fp8_amax_compute_algo)
 
 
-def llm_transformer_config(model_cfg, parallel_cfg, recompute: bool = False, train_cfg=None):
+def llm_transformer_config(model_cfg, parallel_cfg, perf=None, train_cfg=None):
+    """`perf`: engine.config.performance.ResolvedPerformance for this machine (None: CPU defaults, no recompute)."""
     from megatron.core.transformer import TransformerConfig
 
     llm = model_cfg.llm
+    vpp = getattr(parallel_cfg, "virtual_pipeline_model_parallel_size", 1)
     return TransformerConfig(
         **fp8_kwargs(train_cfg),
+        **_recompute_kwargs(perf),
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
         ffn_hidden_size=llm.ffn_hidden_size,
@@ -71,17 +87,21 @@ def llm_transformer_config(model_cfg, parallel_cfg, recompute: bool = False, tra
         add_qkv_bias=llm.qkv_bias,
         gated_linear_unit=True,  # SwiGLU: fc1 = [gate; up], act = silu(gate) * up
         activation_func=F.silu,
-        **_common(model_cfg, parallel_cfg, recompute),
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        **_common(model_cfg, parallel_cfg, perf),
     )
 
 
-def vision_transformer_config(model_cfg, parallel_cfg):
-    """ViT blocks: bias everywhere, GELU MLP, no masks; PP never splits the encoder."""
+def vision_transformer_config(model_cfg, parallel_cfg, perf=None):
+    """ViT blocks: bias everywhere, GELU MLP, no masks. PP never splits the encoder and it runs without sequence
+    parallel (its tiles are not sequence-sharded; its output is merged into the LLM's sequence before the
+    LLM scatters it). The ViT recomputes whole blocks itself (performance.recompute_vision), not through megatron."""
     from megatron.core.transformer import TransformerConfig
 
     v = model_cfg.vision
-    kw = _common(model_cfg, parallel_cfg)
+    kw = _common(model_cfg, parallel_cfg, perf)
     kw["pipeline_model_parallel_size"] = 1
+    kw["sequence_parallel"] = False
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,

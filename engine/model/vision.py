@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -168,10 +169,14 @@ class InternViTEmbeddings(nn.Module):
 
 
 class InternViT(MegatronModule):
-    """pixel_values (N, 3, H, W) -> features (N, 1 + H/p * W/p, C) of block `select_layer`."""
+    """pixel_values (N, 3, H, W) -> features (N, 1 + H/p * W/p, C) of block `select_layer`.
 
-    def __init__(self, config, vcfg, backend, tp_group=None):
+    recompute=True keeps only each block's input in the forward pass and recomputes the block in backward
+    (megatron's tensor_parallel.checkpoint, which restores the RNG states)."""
+
+    def __init__(self, config, vcfg, backend, tp_group=None, recompute: bool = False):
         super().__init__(config=config)
+        self.recompute = recompute
         self.embeddings = InternViTEmbeddings(vcfg)
         # Blocks after the selected one never influence the output: don't build them.
         n_used = vcfg.select_layer % vcfg.num_layers + 1
@@ -189,7 +194,10 @@ class InternViT(MegatronModule):
         x = self.embeddings(pixel_values)  # (N, s, C)
         x = x.transpose(0, 1).contiguous()  # (s, N, C): megatron layers are sequence-first
         for layer in self.layers:
-            x = layer(x)
+            if self.recompute and torch.is_grad_enabled() and x.requires_grad:
+                x = tensor_parallel.checkpoint(layer, False, x)
+            else:
+                x = layer(x)
         return x.transpose(0, 1)  # (N, s, C)
 
 

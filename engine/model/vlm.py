@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -60,9 +61,14 @@ def merge_image_embeddings(
 
 
 class VLM(MegatronModule):
-    def __init__(self, llm, vision=None, projector=None, *, image_token_id: int, tokens_per_tile: int):
+    """`tp_group`: the LLM's tensor-parallel group; with sequence parallel the merged input embeddings are
+    scattered over it (the LLM is built with scatter_embedding_sequence_parallel=False, so the image
+    embeddings are merged into the full sequence first)."""
+
+    def __init__(self, llm, vision=None, projector=None, *, image_token_id: int, tokens_per_tile: int, tp_group=None):
         super().__init__(config=llm.config)
         self.llm = llm
+        self.tp_group = tp_group
         self.vision = vision
         self.projector = projector
         self.image_token_id = image_token_id
@@ -92,7 +98,14 @@ class VLM(MegatronModule):
         sample_ids=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """Returns vocab-parallel logits (b, s, V/tp) on the last stage, hidden states elsewhere."""
+        """Returns vocab-parallel logits (b, s, V/tp) on the last stage, hidden states elsewhere.
+
+        With THD `packed_seq_params` (cu_seqlens over the b*s tokens taken row by row) the LLM runs on one
+        packed row of b*s tokens where each sample attends only to itself; the logits come back as (b, s, V/tp)."""
+        b, s = tokens.shape
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd and attention_mask is not None:
+            raise ValueError("give packed_seq_params or attention_mask, not both")
         decoder_input = None
         if self.pre_process:
             text_emb = self.llm.embedding(input_ids=tokens, position_ids=position_ids)  # (s, b, h)
@@ -104,13 +117,20 @@ class VLM(MegatronModule):
             decoder_input = merge_image_embeddings(
                 text_emb, tokens, image_emb, self.image_token_id, self.tokens_per_tile, tiles_per_row, sample_ids
             )
-        return self.llm(
-            input_ids=tokens,
-            position_ids=position_ids,
+            if thd:
+                decoder_input = decoder_input.transpose(0, 1).reshape(b * s, 1, -1)  # (b*s, 1, h), row by row
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=self.tp_group)
+        out = self.llm(
+            input_ids=tokens.reshape(1, b * s) if thd else tokens,
+            position_ids=position_ids.reshape(1, b * s) if thd else position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             packed_seq_params=packed_seq_params,
         )
+        if thd and self.post_process:
+            out = out.reshape(b, s, -1)  # (1, b*s, V/tp) -> (b, s, V/tp)
+        return out
 
     def freeze(self, vision: bool, projector: bool, llm: bool) -> None:
         for module, frozen in ((self.vision, vision), (self.projector, projector), (self.llm, llm)):

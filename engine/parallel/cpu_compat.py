@@ -15,6 +15,8 @@ Every CUDA assumption we patch is listed here, with where megatron hits it
 5. RNG: `CudaRNGStatesTracker.add/fork` call `torch.cuda.get_rng_state()`; the tracker is needed
    even with dropout 0 (attention forks it) -> `CPURNGStatesTracker`, which keeps CPU generator
    states and uses megatron's own seed offsets (`model_parallel_cuda_manual_seed` still decides them).
+6. Activation recomputation (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves and restores the
+   CUDA RNG state through `random._get_cuda_rng_state` / `_set_cuda_rng_state` -> the CPU generator's state.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def _install_rng_tracker() -> None:
                 torch.set_rng_state(orig)
 
     mrandom.CudaRNGStatesTracker_CPU = CPURNGStatesTracker
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     original_init = mrandom.initialize_rng_tracker
 
     def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs):

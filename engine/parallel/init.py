@@ -81,9 +81,11 @@ def initialize(parallel_cfg, seed: int = 1234, timeout_minutes: int = 30):
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    vpp = getattr(parallel_cfg, "virtual_pipeline_model_parallel_size", 1)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,  # selects the interleaved schedule
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=cuda,  # on CPU the default groups are gloo already
     )

@@ -5,6 +5,9 @@
    `_set_main_param_and_optimizer_states`, because torch Adam keeps a per-parameter `step` state that
    the checkpoint stores in the param groups instead (and `load_state_dict` has already restored it).
    The fix passes the existing `step` through unchanged. No-op for Apex/TE FusedAdam (no `step` state).
+2. `tensor_parallel.CheckpointWithoutOutput(fp8=False)` sets `self.fp8 = fp8 is not None`, i.e. True, and then
+   calls Transformer Engine's FP8GlobalStateManager: selective recompute of "layernorm" fails with a NameError
+   whenever TE is not installed. The fix reads the flag as `bool(fp8)` (TransformerLayer passes no argument).
 """
 
 from __future__ import annotations
@@ -30,4 +33,14 @@ def apply() -> None:
         return original(self, model_param, tensors)
 
     DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    original_init = mrandom.CheckpointWithoutOutput.__init__
+
+    def checkpoint_without_output_init(self, fp8=False):
+        original_init(self, fp8)
+        self.fp8 = bool(fp8)
+
+    mrandom.CheckpointWithoutOutput.__init__ = checkpoint_without_output_init
     _APPLIED = True

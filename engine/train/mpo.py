@@ -1,7 +1,9 @@
 """R1V2 MPO stage: w1·DPO + w2·BCO + w3·NLL against a frozen reference model.
 
-Micro-batches hold preference pairs: rows 2i (chosen) and 2i+1 (rejected) share the prompt and image.
-Each step first runs the frozen reference (the policy's weights when the run started, kept in
+Micro-batches hold preference pairs as segments of their rows: unpacked, chosen of pair i in row 2i and
+rejected in row 2i+1; packed (data.packing), as many pairs as fit the micro-batch's 2 x micro_batch_size rows,
+both sequences of a pair in the same micro-batch. `sequence_index` says which sequence (2 * pair + 0 chosen /
+1 rejected) each token belongs to, so per-sequence log-probs do not depend on the layout. Each step first runs the frozen reference (the policy's weights when the run started, kept in
 <run_dir>/reference so a resumed run uses the same π0) forward-only over the step's micro-batches,
 then the policy forward/backward with the MPO loss. megatron divides the gradients by the number of
 pairs in the global batch. δ (BCO's reward shift) is the running mean of the implicit rewards of the
@@ -14,17 +16,36 @@ from functools import partial
 import torch
 
 from engine.rl.preference import RewardShift, mpo_loss
-from engine.train.step import forward_backward, sequence_logprobs
+from engine.train.losses import token_logprobs
+from engine.train.step import forward_backward
 from engine.train.trainer import Trainer
 
 
+def packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the learned (response) tokens of every sequence j of the micro-batch (wherever its
+    tokens sit: batch["sequence_index"], -1 on padding) and the number of such tokens: (2P,), (2P,)."""
+    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)  # (b, s)
+    index = batch["sequence_index"]
+    mask = batch["loss_mask"].float() * (index >= 0)
+    n = batch["pair_index"].numel()
+    flat = index.clamp(min=0).reshape(-1)  # padding adds 0 to sequence 0 (no boolean indexing: no device sync)
+    sums = logprobs.new_zeros(n).index_add(0, flat, (logprobs * mask).reshape(-1))
+    counts = mask.new_zeros(n).index_add(0, flat, mask.reshape(-1))
+    return sums, counts
+
+
 def _reference_logps_loss(batch, tp_group, impl, vocab_size, logits):
-    seq_logps, _ = sequence_logprobs(batch, tp_group, impl, vocab_size, logits)
+    seq_logps, _ = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits)
     return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"seq_logps": seq_logps.detach()}
 
 
 def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, logits):
-    seq_logps, lengths = sequence_logprobs(batch, tp_group, impl, vocab_size, logits)  # (2P,), (2P,)
+    seq_logps, lengths = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits)  # (2P,), (2P,)
+    if seq_logps.numel() == 0:  # every pair of this micro-batch failed to load (counted as skips)
+        zero = logits.sum() * 0.0  # keeps the graph (the schedule runs backward on it)
+        keys = ("loss_sum", "pref_sum", "quality_sum", "gen_sum", "margin_sum", "accuracy_sum", "reward_sum")
+        return zero, torch.tensor(0, dtype=torch.int), {**{k: zero.detach() for k in keys}, "count": 0,
+                                                         "reward_count": 0}
     ref = batch["ref_seq_logps"]
     out = mpo_loss(seq_logps[0::2], seq_logps[1::2], ref[0::2], ref[1::2], lengths[0::2],
                    beta=mcfg.beta, delta=delta, w_pref=mcfg.w_pref, w_quality=mcfg.w_quality, w_gen=mcfg.w_gen,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engine.config import to_dict
 from engine.train import checkpointing as ckpt
-from engine.train.flops import device_peak_flops, step_flops
+from engine.train.flops import device_peak_flops, step_flops, token_stats
 from engine.train.metrics import MetricsWriter
 from engine.train.optim import build_optimizer, lr_at, set_lr
 from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
@@ -38,6 +38,11 @@ class Trainer:
         self.cfg = cfg
         self._stop_requested = False
         signal.signal(signal.SIGTERM, self._on_sigterm)  # from the start: a SIGTERM while building is not lost
+        if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
+            raise NotImplementedError(
+                "parallel.virtual_pipeline_model_parallel_size > 1: the model chunks and the interleaved schedule work "
+                "(engine.model.build.build_model_chunks, engine.train.step.forward_backward with a list of chunks), "
+                "but the trainers, checkpoints and reference model still hold one module; set it to 1")
         self.pg = initialize(cfg.parallel, seed=cfg.train.seed)
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)
@@ -113,9 +118,9 @@ class Trainer:
         return dist.get_rank(pp) == dist.get_world_size(pp) - 1 and dist.get_rank(tp) == 0
 
     def _global_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
+        from engine.parallel.device import global_sum
+
+        return global_sum(values)  # the buffer lives on the backend's device (NCCL: the GPU)
 
     def banner(self) -> None:
         params = sum(p.numel() for p in self.model.parameters())
@@ -212,24 +217,26 @@ class Trainer:
         if self._metric_keys is None:  # a stage's report keys never change: agree on them once
             self._metric_keys = self._agree_on_keys(sorted(local))
         keys = self._metric_keys
-        tokens_in = sum(int(mb["tokens"].numel()) for mb in microbatches)
+        tokens_in, squared_lengths = token_stats(microbatches)  # real tokens (no padding), sum of L_i^2
+        slots = sum(int(mb["tokens"].numel()) for mb in microbatches)  # token slots incl. padding
         tiles = sum(int(mb["tiles_per_row"].sum()) for mb in microbatches)
         seqs = sum(len(ids) for mb in microbatches for ids in mb["sample_ids"])
         values = self._global_sum([local.get(k, 0.0) for k in keys]
-                                  + ([seqs, tokens_in, tiles] if reporter else [0.0, 0.0, 0.0]))
+                                  + ([seqs, tokens_in, tiles, squared_lengths, slots] if reporter else [0.0] * 5))
         sums = dict(zip(keys, values[: len(keys)]))
-        seqs, n_tokens, n_tiles = values[len(keys):]
+        seqs, n_tokens, n_tiles, n_squared, n_slots = values[len(keys):]
         loss = sums["loss_sum"] / max(sums["count"], 1.0)
         stepped, grad_norm = self.optimizer_step(loss, sums["count"])
         skipped = not stepped
         self.step += 1
         dt = time.perf_counter() - t0
-        flops = step_flops(cfg.model, cfg.train.seq_length, int(n_tokens), int(n_tiles))
+        flops = step_flops(cfg.model, int(n_tokens), int(n_squared), int(n_tiles))
         world = dist.get_world_size()
         record = {
             "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
             "skipped_steps": self.skipped_steps, "empty_steps": self.empty_steps, **self.finish_metrics(sums),
             "tokens_per_s": n_tokens / dt, "samples_per_s": seqs / dt, "step_time_s": dt,
+            "pack_fill": n_tokens / max(n_slots, 1.0),  # real tokens / token slots of the step's rows
             "tflops_per_gpu": flops / dt / world / 1e12,
             "mfu": (flops / dt / world / self._peak_flops) if self._peak_flops else None,
             "memory_gb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
@@ -280,12 +287,9 @@ class Trainer:
 
     def _grads_finite(self) -> bool:
         """All ranks agree whether every local gradient is finite (before the optimizer touches them)."""
-        bad = 0.0
-        for p in self.model.parameters():
-            g = getattr(p, "main_grad", None)
-            if p.requires_grad and g is not None and not bool(torch.isfinite(g).all()):
-                bad = 1.0
-                break
+        flags = [torch.isfinite(g).all() for p in self.model.parameters()
+                 if p.requires_grad and (g := getattr(p, "main_grad", None)) is not None]
+        bad = 0.0 if not flags or bool(torch.stack(flags).all()) else 1.0  # one device sync, not one per tensor
         return self._global_sum([bad])[0] == 0
 
     def _agree_on_keys(self, keys: list[str]) -> list[str]:
@@ -331,7 +335,10 @@ class Trainer:
     def save(self) -> None:
         """Collective. Per rank: RNG and stage state; for the run (meta.json): counters, skip counts and every DP
         rank's data position (so a resume into another TP/PP layout at the same DP size continues exactly)."""
+        from engine.parallel.wrap import sync_params
+
         c = self.cfg
+        sync_params(self.ddp)  # parameters are current (performance.overlap_param_gather defers their all-gather)
         positions = [None] * self.dp_size
         dist.all_gather_object(positions, self.data.state_dict(), group=self.pg.dp)
         counters = {"skipped_steps": self.skipped_steps, "empty_steps": self.empty_steps,

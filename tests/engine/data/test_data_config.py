@@ -20,7 +20,7 @@ def test_defaults_are_valid():
         (["data.min_tiles=3", "data.max_tiles=2"], "min_tiles <= max_tiles"),
         (["data.min_tiles=0"], r"data.min_tiles=0 is outside the allowed range \[1, 64\]"),
         (["data.max_tiles=65"], r"data.max_tiles=65 is outside the allowed range \[1, 64\]"),
-        (["data.format=preference"], "set data.packing=false"),
+        (["data.format=rl"], "set data.packing=false"),
         (["data.max_tiles=20"], "lower data.max_tiles or raise seq_length"),
         (["data.image_pipeline=opencv"], "not one of"),
         (["data.on_error=ignore"], "not one of"),

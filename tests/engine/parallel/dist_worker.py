@@ -90,6 +90,10 @@ def run(args) -> None:
     if args.mode == "freeze":
         return run_freeze(args, cfg, pg, out)
 
+    if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
+        model = None  # the chunks are built in run_chunks
+        full = torch.load(Path(args.init), weights_only=True)
+        return run_chunks(args, cfg, pg, full, make_batches(cfg), out)
     model = build_for_this_stage(cfg, pg)
     if args.mode == "reference":
         g = torch.Generator().manual_seed(99)
@@ -105,8 +109,10 @@ def run(args) -> None:
             fs.is_gated_fc1 = lambda name, model: False
         fs.load_full_state(model, full, pg.tp)
 
-    ddp = wrap_ddp(model, cfg, pg)
     batches = make_batches(cfg)
+    if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
+        return run_chunks(args, cfg, pg, full, batches, out)
+    ddp = wrap_ddp(model, cfg, pg)
     ddp.zero_grad_buffer()
     result = summarize_lm(forward_backward(ddp, batches, pg, nll_loss_factory(pg.tp, vocab, args.loss_impl)))
     grads = fs.full_state(unwrap(ddp), pg.tp, vocab, grads=True)
@@ -117,6 +123,30 @@ def run(args) -> None:
         saved["logits"] = gathered_logits(unwrap(ddp), batches[0], pg, vocab)
     if tp_rank == 0:
         torch.save(saved, out / f"rank{rank}.pt")
+    dist.barrier()
+
+
+def run_chunks(args, cfg, pg, full: dict, batches: list[dict], out: Path) -> None:
+    """compare mode with virtual pipeline stages: this rank's chunks, interleaved 1F1B."""
+    from engine.model.build import build_model_chunks
+    from engine.parallel import full_state as fs
+    from engine.parallel.wrap import unwrap, wrap_ddp_chunks
+    from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
+
+    vocab = cfg.model.llm.vocab_size
+    chunks = build_model_chunks(cfg, pg)
+    for chunk in chunks:
+        fs.load_full_state(chunk, full, pg.tp)
+    ddps = wrap_ddp_chunks(chunks, cfg, pg)
+    for d in ddps:
+        d.zero_grad_buffer()
+    result = summarize_lm(forward_backward(ddps, batches, pg, nll_loss_factory(pg.tp, vocab, args.loss_impl)))
+    saved = {"grads": {k: v for d in ddps for k, v in fs.full_state(unwrap(d), pg.tp, vocab, grads=True).items()},
+             "layers": [[layer.layer_number for layer in c.llm.decoder.layers] for c in chunks]}
+    if result:
+        saved.update(loss=result["loss"], per_token_loss=torch.stack(result["per_token_loss"]))
+    if dist.get_rank(pg.tp) == 0:
+        torch.save(saved, out / f"rank{dist.get_rank()}.pt")
     dist.barrier()
 
 

@@ -93,3 +93,33 @@ def test_freezing_configurations_train_only_their_modules(tmp_path):
                     assert changed, f"{case}: trainable parameter {name} did not move"
                 else:
                     assert not changed, f"{case}: frozen parameter {name} changed"
+
+
+def test_sequence_parallel_matches_tp1_pp1(reference, tmp_path):
+    """TP=2 with sequence parallel (LocalNorm marked for SP, image merge before the scatter, ViT unsplit) and
+    packed THD rows gives the TP=1 losses, logits and gradients."""
+    init, ref = reference
+    torchrun(WORKER, ["--mode", "compare", "--tp", "2", "--init", str(init), "--out", str(tmp_path),
+                      "--override", "parallel.sequence_parallel=true"], nproc=2)
+    assert_equivalent(ref, merged(tmp_path))
+
+
+def test_virtual_pipeline_stages_match_tp1_pp1(reference, tmp_path):
+    """PP=2 x 2 virtual stages (interleaved 1F1B): rank r holds layer chunks r and r + 2; same losses and gradients."""
+    init, ref = reference
+    torchrun(WORKER, ["--mode", "compare", "--pp", "2", "--init", str(init), "--out", str(tmp_path),
+                      "--override", "parallel.virtual_pipeline_model_parallel_size=2"], nproc=2)
+    layers = {int(f.stem[4:]): torch.load(f, weights_only=False)["layers"] for f in tmp_path.glob("rank*.pt")}
+    assert layers == {0: [[1], [3]], 1: [[2], [4]]}
+    assert_equivalent(ref, merged(tmp_path))
+
+
+def test_overlapped_grad_reduce_at_dp2_matches_tp1_pp1(reference, tmp_path):
+    """DP=2 (both ranks see the same micro-batches, so the DP mean is the single-rank gradient) with the gradient
+    all-reduce overlapped with backward (megatron DDP buckets started by backward hooks). Plain DDP, so every rank
+    holds the whole reduced gradient (the distributed optimizer's reduce-scatter leaves only its shard reduced)."""
+    init, ref = reference
+    torchrun(WORKER, ["--mode", "compare", "--init", str(init), "--out", str(tmp_path), "--override",
+                      "performance.overlap_grad_reduce=true", "--override", "parallel.use_distributed_optimizer=false"],
+             nproc=2)
+    assert_equivalent(ref, merged(tmp_path))
