@@ -75,7 +75,7 @@ def test_vpp_reaches_megatron():
      "needs parallel.use_distributed_optimizer=true"),
     (["performance.overlap_param_gather=true", "performance.overlap_grad_reduce=false"], "needs performance.overlap_grad_reduce"),
     (["performance.overlap_param_gather=true", "train.stage=grpo", "data.format=rl", "data.packing=false",
-      "rollout.max_model_len=16384"],
+      "rollout.max_model_len=16384", "train.global_batch_size=1024"],
      "not for train.stage=grpo"),
     (["performance.recompute_modules=[moe]"], "not recompute modules of a dense layer"),
     (["parallel.virtual_pipeline_model_parallel_size=2", "parallel.pipeline_model_parallel_size=1"],
