@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
 import torch.distributed as dist
+
+from engine.parallel.device import global_sum
 
 
 def evaluate(cfg, model, pg, modes: list[str], k: int, temperature: float, max_tokens: int,
@@ -55,9 +56,7 @@ def evaluate(cfg, model, pg, modes: list[str], k: int, temperature: float, max_t
             correct += float(scores.sum())
             lengths += float(sum(len(r) for r in responses))
             count += len(responses)
-        totals = torch.tensor([correct, lengths, count], dtype=torch.float64)
-        dist.all_reduce(totals, group=pg.dp)
-        c, l_, n = totals.tolist()
+        c, l_, n = global_sum([correct, lengths, count], group=pg.dp)  # on the backend's device (NCCL: the GPU)
         results[mode] = {"pass@1": c / n if n else math.nan, "mean_length": l_ / n if n else math.nan,
                          "samples": int(n), "k": k}
     if own_engine and engine is not None:

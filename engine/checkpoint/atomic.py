@@ -26,7 +26,6 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from engine.checkpoint.hf_io import CheckpointError
@@ -63,10 +62,9 @@ def _all_ok(ok: bool) -> bool:
     """Collective: whether every rank reports ok."""
     if _world() == 1:
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag)
-    return flag.item() == 0
+    from engine.parallel.device import global_sum
+
+    return global_sum([0.0 if ok else 1.0])[0] == 0
 
 
 def _gather(obj) -> list:

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from engine.parallel.device import compute_device, place_tensor
 from engine.rollout.base import (
     Completion, GenerationRequest, GenerationResult, ImageInputs, RolloutEngine, SamplingParams, WeightPush,
     check_stop_reason, iter_named,
@@ -79,7 +80,7 @@ class NativeRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.image_processor = image_processor
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=compute_device()).manual_seed(seed)  # draws happen where the logits are
         self.stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ interface
@@ -91,7 +92,8 @@ class NativeRolloutEngine(RolloutEngine):
                     f"request {requests[r.request].request_id or r.request}: prompt has {len(r.prompt)} tokens, "
                     f"max_model_len is {self.max_model_len}; shorten the prompt or raise rollout.max_model_len"
                 )
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        generator = (torch.Generator(device=compute_device()).manual_seed(params.seed) if params.seed is not None
+                     else self.generator)
         outputs: list[Completion] = []
         was_training = self.model.training
         self.model.eval()
@@ -216,7 +218,6 @@ class NativeRolloutEngine(RolloutEngine):
         cols = torch.arange(S)
         positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, S)
         key_valid = cols[None, :] >= pad[:, None]  # (B, S): False on left padding
-        rope = self._rope(positions)
         causal = torch.ones(P, P, dtype=torch.bool).tril()
         prefill_mask = ~(causal[None] & key_valid[:, None, :P])[:, None]  # (B, 1, P, P), True = masked
 
@@ -228,6 +229,12 @@ class NativeRolloutEngine(RolloutEngine):
         for b, r in enumerate(rows):
             ids = torch.tensor([t for t in r.prompt if t < self.vocab_size], dtype=torch.long)
             seen[b, ids] = True
+        # everything the model and the sampler read lives where the model computes (the GPU on CUDA)
+        tokens, positions, key_valid, prefill_mask, seen = (
+            place_tensor(t) for t in (tokens, positions, key_valid, prefill_mask, seen))
+        pixel = place_tensor(pixel) if pixel is not None else None
+        tiles_per_row = place_tensor(tiles_per_row) if tiles_per_row is not None else None
+        rope = self._rope(positions)
 
         ctx = StaticInferenceContext(max_batch_size=B, max_sequence_length=S)
         logits = self._logits(tokens, positions[:, :P], prefill_mask, rope, ctx, pixel, tiles_per_row)
@@ -239,13 +246,15 @@ class NativeRolloutEngine(RolloutEngine):
         finish: list[str | None] = [None] * B
         for step in range(budget):
             logprobs = torch.log_softmax(logits, dim=-1)  # raw distribution (see engine.rollout.base)
-            nxt = self._same_on_tp(sample(logits, seen, params, generator))
+            nxt = self._same_on_tp(sample(logits, seen, params, generator))  # (B,)
+            picked = logprobs.gather(1, nxt[:, None]).squeeze(1).tolist()  # one device->host copy per step
+            nxt_ids = nxt.tolist()
             for b in range(B):
                 if finish[b] is not None:
                     continue
-                tok = int(nxt[b])
+                tok = nxt_ids[b]
                 out_ids[b].append(tok)
-                out_lp[b].append(float(logprobs[b, tok]))
+                out_lp[b].append(picked[b])
                 seen[b, tok] = True
                 finish[b] = check_stop_reason(tok, len(out_ids[b]), params)
                 if finish[b] is None and int(lengths[b]) + len(out_ids[b]) >= self.max_model_len:
@@ -253,7 +262,7 @@ class NativeRolloutEngine(RolloutEngine):
             if all(f is not None for f in finish) or step == budget - 1:
                 break
             col = P + step  # the cache column the new token goes to
-            feed = torch.tensor([out_ids[b][-1] if finish[b] is None else pad_id for b in range(B)])[:, None]
+            feed = place_tensor(torch.tensor([out_ids[b][-1] if finish[b] is None else pad_id for b in range(B)])[:, None])
             mask = ~key_valid[:, None, None, : col + 1]  # (B, 1, 1, col + 1)
             logits = self._logits(feed, positions[:, col : col + 1], mask, rope, ctx, None, None)
             ctx.sequence_len_offset = col + 1
@@ -270,10 +279,11 @@ def full_forward_greedy(model, tp_group, vocab_size: int, prompt: list[int], max
     try:
         with torch.no_grad():
             for _ in range(max_tokens):
-                tokens = torch.tensor([ids])
-                positions = torch.arange(len(ids))[None]
-                tpr = torch.tensor([tiles.shape[0]]) if tiles is not None else None
-                local = model(tokens, positions, None, pixel_values=tiles, tiles_per_row=tpr)  # (1, s, V/tp)
+                tokens = place_tensor(torch.tensor([ids]))
+                positions = place_tensor(torch.arange(len(ids))[None])
+                tpr = place_tensor(torch.tensor([tiles.shape[0]])) if tiles is not None else None
+                pixels = place_tensor(tiles) if tiles is not None else None
+                local = model(tokens, positions, None, pixel_values=pixels, tiles_per_row=tpr)  # (1, s, V/tp)
                 logits = gather_vocab_logits(local[0, -1:].float(), tp_group, vocab_size)  # (1, V)
                 tok = int(logits.argmax(-1))
                 lps.append(float(torch.log_softmax(logits, -1)[0, tok]))

@@ -175,7 +175,10 @@ class GRPOTrainer(Trainer):
         from engine.rl.metrics import logprob_mismatch, rl_step_metrics
 
         c, g, s = self.cfg, self.cfg.algorithm.grpo, episode.stats
-        mask, entropy, labels = (torch.cat([mb[k] for mb in micro]) for k in ("loss_mask", "entropy", "labels"))
+        def on_host(key: str) -> torch.Tensor:  # the forward passes left old log-probs / entropy on the device
+            return torch.cat([mb[key].cpu() for mb in micro])
+
+        mask, entropy, labels = on_host("loss_mask"), on_host("entropy"), on_host("labels")
         m = rl_step_metrics(
             rewards=episode.rewards, reward_components=episode.components, advantages=episode.advantages,
             response_lengths=torch.tensor([len(x.response_ids) for x in episode.samples], dtype=torch.float),
@@ -185,8 +188,7 @@ class GRPOTrainer(Trainer):
             ratio_with_buffer=s.get("ratio_with_buffer"), reward_counter=episode.reward_counter,
         )
         if g.temperature == 1.0:  # engines report raw (T=1) log-probs
-            m.update(logprob_mismatch(torch.cat([mb["old_logprobs"] for mb in micro]),
-                                      torch.cat([mb["rollout_logprobs"] for mb in micro]), mask))
+            m.update(logprob_mismatch(on_host("old_logprobs"), on_host("rollout_logprobs"), mask))
         tok = max(sums.get("tokens", 0.0), 1.0)
         self.truncated_at_image_token += s.get("truncated_at_image_token", 0)
         m.update({

@@ -35,8 +35,8 @@ def check_fits(rows, seq_length: int) -> None:
 
 def pack_rollouts(rows, advantages: torch.Tensor, seq_length: int, micro_batch_size: int, pad_id: int,
                   tokens_per_tile: int, image_token_id: int, tile_size: int, pack: bool = True) -> list[dict]:
-    """Rollouts -> micro-batches of up to `micro_batch_size` rows of `seq_length` tokens. pack=False puts one
-    sample per row (the unpacked reference the packed batches are tested against)."""
+    """Rollouts -> micro-batches of `micro_batch_size` rows of `seq_length` tokens (the last one topped up with
+    empty rows). pack=False puts one sample per row (the unpacked reference the packed batches are tested against)."""
     if not rows:
         return []
     check_fits(rows, seq_length)
@@ -57,7 +57,10 @@ def pack_rollouts(rows, advantages: torch.Tensor, seq_length: int, micro_batch_s
         per_token.append(values)
     micro = []
     for start in range(0, len(layout), micro_batch_size):
+        # the last micro-batch is topped up with empty rows (all padding, segment id 0): every micro-batch of a
+        # step has the same [micro_batch_size, seq_length] shape, as megatron's schedule needs
         chunk = layout[start: start + micro_batch_size]
+        chunk = chunk + [[] for _ in range(micro_batch_size - len(chunk))]
         batch = collate_rows([[seqs[i] for i in row] for row in chunk], [[rows[i].tiles for i in row] for row in chunk],
                              seq_length, pad_id, tokens_per_tile, image_token_id, tile_size)
         extra = np.zeros((len(GRPO_FIELDS), len(chunk), seq_length), dtype=np.float32)  # (fields, B, S)
