@@ -1,10 +1,13 @@
-"""Triton kernels for the RL loss path: fused log-prob/entropy and fused clipped GRPO loss.
+"""Triton kernels for the loss path: fused log-prob/entropy and fused clipped GRPO loss, from logits or
+fused with the output layer (from hidden states and the output weight, never materialising [T, V]).
 
 Importing this package on a machine without CUDA switches Triton to its CPU interpreter
 (see kernels/_triton_env.py), so the same calls work in CPU tests and in the CPU engine.
 """
 
 from kernels._triton_env import INTERPRET
+from kernels.fused_linear_grpo_loss import fused_linear_grpo_loss
+from kernels.fused_linear_logprob_entropy import fused_linear_logprob_entropy
 from kernels.grpo_loss import AGGREGATION_MODES, aggregate_loss, fused_grpo_loss
 from kernels.logprob_entropy import IGNORE_INDEX, fused_logprob_entropy
 from kernels.reference import (
@@ -12,7 +15,10 @@ from kernels.reference import (
     grpo_loss_reference,
     grpo_token_loss_reference,
     kl_estimate_reference,
+    linear_grpo_loss_reference,
+    linear_logprob_entropy_reference,
     logprob_entropy_reference,
+    output_layer_logits_reference,
 )
 
 __all__ = [
@@ -22,9 +28,14 @@ __all__ = [
     "KL_TYPES",
     "aggregate_loss",
     "fused_grpo_loss",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprob_entropy",
     "fused_logprob_entropy",
     "grpo_loss_reference",
     "grpo_token_loss_reference",
     "kl_estimate_reference",
+    "linear_grpo_loss_reference",
+    "linear_logprob_entropy_reference",
     "logprob_entropy_reference",
+    "output_layer_logits_reference",
 ]
