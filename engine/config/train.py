@@ -21,7 +21,9 @@ class TrainConfig:
     keep_checkpoints: int = field_(2, "rotate old checkpoints, keeping this many")
     run_dir: str = field_("runs/default", "metrics, TensorBoard and checkpoints go here")
     init_from: str = field_("", "start from these model weights (a checkpoint dir of an earlier stage); ignored on resume")
-    loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
+    loss_impl: Literal["fused", "fused_linear", "reference"] = field_(
+        "fused", "token log-prob path: Triton kernel on logits, fused with the output layer (no [T, V] logits), "
+        "or torch reference")
     recompute_activations: bool = field_(False, "full activation recomputation in the LLM")
     fp8: Literal["e4m3", "hybrid"] | None = field_(
         None, "Transformer Engine FP8 GEMMs (hybrid: e4m3 forward, e5m2 gradients); needs TE and bf16 params")
@@ -35,6 +37,10 @@ class TrainConfig:
     early_stopping_patience: int = field_(0, "stop when validation loss has not improved for this many evals (0: off)")
 
     def validate(self, root) -> None:
+        if self.loss_impl == "fused_linear" and self.stage in ("grpo", "iterative_sft"):
+            raise ConfigError(f"train.loss_impl=fused_linear is wired for the sft, align, connector and mpo stages; "
+                              f"train.stage={self.stage} generates with the model (rollouts), which needs its logits: "
+                              "use train.loss_impl=fused")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
         if self.global_batch_size % self.micro_batch_size:

@@ -14,17 +14,18 @@ from functools import partial
 import torch
 
 from engine.rl.preference import RewardShift, mpo_loss
+from engine.train.losses import output_weight
 from engine.train.step import forward_backward, sequence_logprobs
 from engine.train.trainer import Trainer
 
 
-def _reference_logps_loss(batch, tp_group, impl, vocab_size, logits):
-    seq_logps, _ = sequence_logprobs(batch, tp_group, impl, vocab_size, logits)
-    return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"seq_logps": seq_logps.detach()}
+def _reference_logps_loss(batch, tp_group, impl, vocab_size, output, *, weight=None):
+    seq_logps, _ = sequence_logprobs(batch, tp_group, impl, vocab_size, output, weight=weight)
+    return output.new_zeros(()), torch.tensor(0, dtype=torch.int), {"seq_logps": seq_logps.detach()}
 
 
-def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, logits):
-    seq_logps, lengths = sequence_logprobs(batch, tp_group, impl, vocab_size, logits)  # (2P,), (2P,)
+def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, output, *, weight=None):
+    seq_logps, lengths = sequence_logprobs(batch, tp_group, impl, vocab_size, output, weight=weight)  # (2P,), (2P,)
     ref = batch["ref_seq_logps"]
     out = mpo_loss(seq_logps[0::2], seq_logps[1::2], ref[0::2], ref[1::2], lengths[0::2],
                    beta=mcfg.beta, delta=delta, w_pref=mcfg.w_pref, w_quality=mcfg.w_quality, w_gen=mcfg.w_gen)
@@ -53,7 +54,7 @@ class MPOTrainer(Trainer):
             reports = forward_backward(
                 self.reference, microbatches, self.pg,
                 lambda batch: partial(_reference_logps_loss, batch, self.pg.tp, c.train.loss_impl,
-                                      c.model.llm.vocab_size),
+                                      c.model.llm.vocab_size, weight=output_weight(self.reference, c.train.loss_impl)),
                 forward_only=True,
             )
         for mb, rep in zip(microbatches, reports or [None] * len(microbatches)):
@@ -62,8 +63,9 @@ class MPOTrainer(Trainer):
     def loss_factory(self):
         c = self.cfg
         delta = self.shift.value
+        weight = output_weight(self.model, c.train.loss_impl)
         return lambda batch: partial(_mpo_micro_loss, batch, self.pg.tp, c.train.loss_impl, c.model.llm.vocab_size,
-                                     c.algorithm.mpo, delta)
+                                     c.algorithm.mpo, delta, weight=weight)
 
     def report_sums(self, reports: list[dict]) -> dict[str, float]:
         keys = reports[0].keys()

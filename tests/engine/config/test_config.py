@@ -99,3 +99,14 @@ def test_fp8_settings_reach_megatron_when_transformer_engine_is_there(monkeypatc
                                      "fp8_amax_history_len": 16, "fp8_amax_compute_algo": "max"}
     with pytest.raises(ConfigError, match="needs model.params_dtype=bfloat16"):
         load_config(Path("recipes/r1v2_sft.yaml"), ["train.fp8=hybrid", "model.params_dtype=float32"])
+
+
+@pytest.mark.parametrize("stage", ["grpo", "iterative_sft"])
+def test_fused_linear_loss_is_rejected_where_the_model_generates(stage):
+    with pytest.raises(ConfigError, match=rf"train.loss_impl=fused_linear .* train.stage={stage} generates"):
+        load_config(None, [f"train.stage={stage}", "train.loss_impl=fused_linear"])
+
+
+def test_fused_linear_loss_is_accepted_for_sft_and_mpo():
+    for stage in ("sft", "mpo"):
+        assert load_config(None, [f"train.stage={stage}", "train.loss_impl=fused_linear"]).train.loss_impl == "fused_linear"
