@@ -116,11 +116,13 @@ class Skip(Exception):
     """This implementation cannot run here; the message says why."""
 
 
-def _grpo_inputs(T: int, device) -> dict:
+def _grpo_inputs(T: int, device, n_skipped: int = 0) -> dict:
     g = torch.Generator(device=device).manual_seed(1)
+    loss_mask = torch.ones(T, device=device)
+    loss_mask[:n_skipped] = 0.0  # the prompt / padding block (see --ignore-frac)
     return dict(old_logprobs=-torch.rand(T, generator=g, device=device) * 3,
                 advantages=torch.randn(T, generator=g, device=device),
-                loss_mask=torch.ones(T, device=device),
+                loss_mask=loss_mask,
                 ref_logprobs=-torch.rand(T, generator=g, device=device) * 3)
 
 
@@ -302,9 +304,10 @@ def _peak_mem_mb(fn, cuda: bool, setup=_no_setup, cpu_method: str = "profiler") 
 def _profiler_peak_mb(fn, state) -> float:
     """Peak of the running sum of torch's CPU allocations and frees while fn(state) runs, in MiB.
 
-    The profiler records every allocator event ("[memory]" with signed bytes); a free of a block made
-    before the profile started counts negative, so the running sum starts at 0 and only allocations
-    made inside fn can raise the peak."""
+    The profiler records every allocator event ("[memory]" with signed bytes) inside fn; frees of blocks
+    made before it started are not recorded (torch warns "Memory block of unknown size"), so the running
+    sum starts at 0, only allocations made inside fn raise it, and memory fn releases from before (e.g.
+    the saved forward in the backward mode) is not credited: an upper bound, the same for every impl."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -350,7 +353,7 @@ def base_row(op, impl, mode, shape, dtype) -> dict:
                 bytes_moved=BYTES_FACTOR[mode] * shape.tokens * shape.v_shard * dtype.itemsize,
                 gbps=None, roofline_frac=None,
                 flops=FLOPS_FACTOR[mode] * shape.tokens * shape.v_shard * shape.hidden if linear else None,
-                tflops=None)
+                tflops=None, ignore_frac=0.0)
 
 
 def _inputs(op, shape, dtype, device, g) -> list[torch.Tensor]:
@@ -364,12 +367,14 @@ def _inputs(op, shape, dtype, device, g) -> list[torch.Tensor]:
 
 
 def bench_one(op, impl, mode, shape, dtype, args, device, cuda) -> dict:
-    row = base_row(op, impl, mode, shape, dtype)
+    row = dict(base_row(op, impl, mode, shape, dtype), ignore_frac=args.ignore_frac)
     g = torch.Generator(device=device).manual_seed(0)
     try:
         leaves = _inputs(op, shape, dtype, device, g)
         targets = torch.randint(0, shape.v_shard, (shape.tokens,), generator=g, device=device)
-        extra = _grpo_inputs(shape.tokens, device) if op in ("grpo_loss", "linear_grpo_loss") else {}
+        n_skipped = int(args.ignore_frac * shape.tokens)
+        targets[:n_skipped] = -100  # rows without a label: the kernels skip them (issue 12)
+        extra = _grpo_inputs(shape.tokens, device, n_skipped) if op in ("grpo_loss", "linear_grpo_loss") else {}
         fn = build(op, impl, targets, extra)
         xs = [x.requires_grad_(mode != "forward") for x in leaves]
 
@@ -474,6 +479,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, help="timed repetitions (median; default 20 GPU / 3 CPU)")
     p.add_argument("--warmup", type=int, help="untimed runs first (default 5 GPU / 1 CPU)")
     p.add_argument("--peak-gbps", type=float, help="device memory bandwidth for the roofline fraction")
+    p.add_argument("--ignore-frac", type=float, default=0.0,
+                   help="fraction of rows (a leading block, like prompts / padding) without a label / loss; "
+                        "the bytes and FLOPs models still count every row")
     p.add_argument("--cpu-mem", default="profiler", choices=["profiler", "rss"],
                    help="CPU peak memory: torch profiler allocator events (exact) or sampled RSS")
     p.add_argument("--out", type=Path, help="write the rows (and run metadata) as JSON here")
@@ -483,6 +491,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not 0.0 <= args.ignore_frac < 1.0:
+        raise SystemExit(f"--ignore-frac must be in [0, 1), got {args.ignore_frac}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     args.reps = args.reps or (20 if cuda else 3)

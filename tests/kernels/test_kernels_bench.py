@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench_kernels.py"
 FIELDS = {"op", "impl", "mode", "tokens", "vocab", "tp", "v_shard", "hidden", "dtype", "status", "reason", "time_ms",
           "peak_mem_mb", "mem_method", "bytes_moved", "gbps", "roofline_frac", "flops", "tflops", "speedup_vs_eager",
-          "mem_ratio_vs_eager"}
+          "mem_ratio_vs_eager", "ignore_frac"}
 LINEAR_OPS = ("linear_logprob_entropy", "linear_grpo_loss")
 
 
