@@ -302,22 +302,35 @@ def _peak_mem_mb(fn, cuda: bool, setup=_no_setup, cpu_method: str = "profiler") 
 
 
 def _profiler_peak_mb(fn, state) -> float:
-    """Peak of the running sum of torch's CPU allocations and frees while fn(state) runs, in MiB.
+    """Peak of the bytes torch's CPU allocator holds for blocks allocated while fn(state) runs, in MiB.
 
-    The profiler records every allocator event ("[memory]" with signed bytes) inside fn; frees of blocks
-    made before it started are not recorded (torch warns "Memory block of unknown size"), so the running
-    sum starts at 0, only allocations made inside fn raise it, and memory fn releases from before (e.g.
-    the saved forward in the backward mode) is not credited: an upper bound, the same for every impl."""
+    The profiler records every allocation and free with its address (`experimental_event_tree`, the
+    source of torch's own memory timeline). Frees are counted only for blocks allocated inside fn: a
+    block from before (inputs, or one the Triton interpreter kept alive from an earlier launch and drops
+    at its next launch) is not credited, so each row measures exactly what its own call allocates."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(state)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = sorted((n.start_time_ns, n.extra_fields.ptr, n.extra_fields.alloc_size)
+                    for n in walk(prof.profiler.kineto_results.experimental_event_tree())
+                    if n.tag == _EventType.Allocation)
+    live: dict[int, int] = {}
     running = peak = 0
-    for _, nbytes in events:
-        running += nbytes
-        peak = max(peak, running)
+    for _, ptr, size in events:
+        if size > 0:
+            live[ptr] = size
+            running += size
+            peak = max(peak, running)
+        elif ptr in live:  # a free of a block allocated inside fn
+            running -= live.pop(ptr)
     return peak / 2**20
 
 
