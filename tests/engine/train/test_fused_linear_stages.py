@@ -1,10 +1,13 @@
 """The tiny SFT and MPO recipes train with train.loss_impl=fused_linear (the output layer fused into the loss;
 the model returns hidden states) and log the same losses as loss_impl=fused (logits + Triton kernel).
 
-Tolerance: the model is fp32 and both impls compute the same log-probs in another summation order
-(chunked GEMMs, per-chunk online softmax): ~1e-7 relative on a step's loss and gradient. A few Adam steps
-keep that below LOSS_RTOL; a wrong gradient (a missed TP reduction, a dropped chunk, the wrong weight)
-moves the loss of step 2 onwards by orders of magnitude more.
+Tolerances (fp32 model; both impls compute the same log-probs in another summation order: chunked
+GEMMs, per-chunk online softmax). Step 1 starts from identical weights: its loss and gradient norm must
+agree to FIRST_STEP_RTOL (measured: equal to the last bit). Later steps go through Adam, whose
+g / (sqrt(v) + eps) turns last-bit differences of near-zero gradients into visible update differences:
+losses within LOSS_RTOL (measured <= 2.1e-6), gradient norms within GRAD_NORM_RTOL (measured
+<= 8.1e-5, SFT at TP=2, step 3). A wrong gradient (a missed TP reduction, a dropped chunk, the wrong
+weight) moves the first step's gradient norm by far more than 1e-6.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from tests.engine.train.test_resume import finish
 from tests.engine.train.test_stages import records, run_recipe
 
 pytestmark = pytest.mark.slow
+FIRST_STEP_RTOL = 1e-6
 LOSS_RTOL = 1e-4
+GRAD_NORM_RTOL = 1e-3
 STEPS = 4
 CASES = {
     # SFT at TP=2 (vocab-parallel weight shards, padded vocab 869 -> 1024) with packed rows.
@@ -39,5 +44,6 @@ def test_fused_linear_recipe_matches_fused(case, demo_data, tmp_path):
     keys = ["loss", "grad_norm"] + (["loss_pref", "loss_gen", "reward_margin"] if recipe == "tiny_cpu_mpo" else [])
     for step, (w, g) in enumerate(zip(want, got), 1):
         for key in keys:
-            assert g[key] == pytest.approx(w[key], rel=LOSS_RTOL, abs=1e-6), (case, step, key, g[key], w[key])
+            rtol = FIRST_STEP_RTOL if step == 1 else GRAD_NORM_RTOL if key == "grad_norm" else LOSS_RTOL
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-7), (case, step, key, g[key], w[key])
     assert want[-1]["loss"] != want[0]["loss"]  # the runs trained (steps differ), so equality means something
