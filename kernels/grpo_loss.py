@@ -94,20 +94,25 @@ def _grpo_fwd_kernel(
     LR_CLAMP: tl.constexpr, KL_MAX: tl.constexpr, IGNORE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """FROM_LOGITS: logprob/entropy pass + token epilogue. Else: epilogue only, lp read from lp_ptr."""
+    """FROM_LOGITS: logprob/entropy pass + token epilogue. Else: epilogue only, lp read from lp_ptr.
+
+    Rows whose target is IGNORE (the wrapper sets it where loss_mask is 0) are skipped: the logits are
+    not read, and every output there is 0 (flags False)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     if FROM_LOGITS:
-        m, s, w = shard_softmax_stats(x_ptr, stride_row, rows, row_mask, V, temperature,
-                                      BLOCK_T, BLOCK_V)
         valid, tgt_local, z_t = load_target_z(x_ptr, tgt_ptr, stride_row, rows, row_mask, 0, V,
                                               temperature, IGNORE)
-        lp, ent, log_s, ez_rel = finalize_row_stats(m, s, w, z_t, valid)
+        m, s, w = shard_softmax_stats(x_ptr, stride_row, rows, valid, V, temperature,
+                                      BLOCK_T, BLOCK_V)
+        lp, ent, m, log_s, ez_rel = finalize_row_stats(m, s, w, z_t, valid)
         tl.store(lp_ptr + rows, lp, mask=row_mask)
         tl.store(ent_ptr + rows, ent, mask=row_mask)
         tl.store(m_ptr + rows, m, mask=row_mask)
         tl.store(log_s_ptr + rows, log_s, mask=row_mask)
     else:
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE)
+        valid = row_mask & (tgt != IGNORE)
         lp = tl.load(lp_ptr + rows, mask=row_mask, other=0.0)
     old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
     adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
@@ -119,6 +124,13 @@ def _grpo_fwd_kernel(
     loss, coef, ratio, kl, c_low, c_high, c_dual = grpo_token_math(
         lp, old, adv, mask, ref, clip_low, clip_high, dual_c, kl_coef,
         HAS_DUAL, HAS_REF, KL_TYPE, LR_CLAMP, KL_MAX)
+    loss = tl.where(valid, loss, 0.0)  # skipped rows: mask is 0 there too; exact zeros regardless
+    coef = tl.where(valid, coef, 0.0)
+    ratio = tl.where(valid, ratio, 0.0)
+    kl = tl.where(valid, kl, 0.0)
+    c_low = c_low & valid
+    c_high = c_high & valid
+    c_dual = c_dual & valid
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(coef_ptr + rows, coef, mask=row_mask)
     tl.store(ratio_ptr + rows, ratio, mask=row_mask)
@@ -140,36 +152,88 @@ def _token_vector(x: torch.Tensor, name: str, T: int, device) -> torch.Tensor:
     return x.detach().float().contiguous()
 
 
-def grpo_forward(logits, targets, old, adv, mask, ref, temperature, tp_group, vocab_start, cfg):
-    """Returns (loss, coef, logprob, entropy, ratio, kl, flags[3, T] int8, m, log_s)."""
-    T, v_shard = logits.shape
-    dev = logits.device
-    loss, coef, ratio, kl = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(4))
-    flags = torch.empty(3, T, dtype=torch.int8, device=dev)
+def grpo_config(kl_type, kl_coef, ref_logprobs, clip_eps_low, clip_eps_high, dual_clip_c) -> dict:
+    """Validated GRPO hyper-parameters as the launchers take them."""
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}.")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs; pass them or set kl_coef=0.")
+    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
+        raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got "
+                         f"{clip_eps_low}, {clip_eps_high}.")
+    if dual_clip_c is not None and not dual_clip_c > 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (typically 3), got {dual_clip_c}; None disables it.")
+    return dict(clip_eps_low=float(clip_eps_low), clip_eps_high=float(clip_eps_high),
+                dual_clip_c=dual_clip_c, kl_coef=float(kl_coef), kl_type=kl_type)
+
+
+def token_inputs(targets, old_logprobs, advantages, loss_mask, ref_logprobs, T: int, device):
+    """(targets with IGNORE where the loss mask is 0, old, adv, mask, ref) as contiguous fp32 [T].
+
+    A row without loss (mask 0 or an ignored target) becomes an ignored row: the kernels skip it."""
+    old = _token_vector(old_logprobs, "old_logprobs", T, device)
+    adv = _token_vector(advantages, "advantages", T, device)
+    mask = _token_vector(loss_mask, "loss_mask", T, device)
+    ref = None if ref_logprobs is None else _token_vector(ref_logprobs, "ref_logprobs", T, device)
+    if targets.shape == (T,):
+        live = (mask != 0) & (targets != IGNORE_INDEX)
+        mask = mask * live  # an unlabeled position never carries loss
+        targets = torch.where(live, targets, torch.full_like(targets, IGNORE_INDEX))
+    return targets, old, adv, mask, ref
+
+
+def _launch(logits, targets, old, adv, mask, ref, outs, temperature, cfg, from_logits: bool):
+    """One launch of _grpo_fwd_kernel; outs = (loss, coef, lp, ent, ratio, kl, flags, m, log_s)."""
+    T = targets.shape[0]
     consts = dict(HAS_DUAL=cfg["dual_clip_c"] is not None, HAS_REF=ref is not None,
                   KL_TYPE=_KL_TYPE_IDS[cfg["kl_type"]], LR_CLAMP=LOG_RATIO_CLAMP, KL_MAX=K3_MAX,
                   IGNORE=IGNORE_INDEX)
     scalars = (temperature, cfg["clip_eps_low"], cfg["clip_eps_high"],
                float(cfg["dual_clip_c"] or 0.0), cfg["kl_coef"])
     ref_arg = ref if ref is not None else old  # never read when HAS_REF is off
-    if tp_group is None:
-        lp, ent, m, log_s = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(4))
+    loss, coef, lp, ent, ratio, kl, flags, m, log_s = outs
+    if T == 0:
+        return
+    if from_logits:
+        v_shard = logits.shape[1]
         bt, bv = lpe.block_sizes(v_shard)
-        if T > 0:
-            with quiet_masked_lanes():
-                _grpo_fwd_kernel[(triton.cdiv(T, bt),)](
-                    logits, targets, old, adv, mask, ref_arg, loss, coef, lp, ent, ratio, kl, flags, m,
-                    log_s, T, v_shard, logits.stride(0), *scalars, FROM_LOGITS=True, **consts,
-                    BLOCK_T=bt, BLOCK_V=bv, num_warps=lpe.NUM_WARPS)
+        grid, blocks, warps = (triton.cdiv(T, bt),), dict(BLOCK_T=bt, BLOCK_V=bv), lpe.NUM_WARPS
+        x, stride = logits, logits.stride(0)
+    else:  # epilogue only: BLOCK_V is unused, 4 warps cover 1024 elementwise lanes
+        grid, blocks, warps = (triton.cdiv(T, ELEMENTWISE_BLOCK),), dict(BLOCK_T=ELEMENTWISE_BLOCK, BLOCK_V=16), 4
+        x, stride, v_shard = lp, 0, 0  # x_ptr is never read without FROM_LOGITS
+    with quiet_masked_lanes():
+        _grpo_fwd_kernel[grid](
+            x, targets, old, adv, mask, ref_arg, loss, coef, lp, ent, ratio, kl, flags, m, log_s,
+            T, v_shard, stride, *scalars, FROM_LOGITS=from_logits, **consts, **blocks, num_warps=warps)
+
+
+def grpo_epilogue(targets, lp, old, adv, mask, ref, cfg):
+    """The per-token GRPO math on [T] log-probs: (loss, coef = dloss/dlogprob, ratio, kl, flags[3, T])."""
+    T = targets.shape[0]
+    dev = lp.device
+    loss, coef, ratio, kl = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(4))
+    flags = torch.empty(3, T, dtype=torch.int8, device=dev)
+    _launch(None, targets, old, adv, mask, ref, (loss, coef, lp, lp, ratio, kl, flags, lp, lp), 1.0, cfg,
+            from_logits=False)
+    return loss, coef, ratio, kl, flags
+
+
+def grpo_forward(logits, targets, old, adv, mask, ref, temperature, tp_group, vocab_start, cfg):
+    """Returns (loss, coef, logprob, entropy, ratio, kl, flags[3, T] int8, m, log_s)."""
+    T = logits.shape[0]
+    dev = logits.device
+    if tp_group is None:
+        outs = tuple(torch.empty(T, dtype=torch.float32, device=dev) for _ in range(6))
+        loss, coef, lp, ent, ratio, kl = outs
+        flags = torch.empty(3, T, dtype=torch.int8, device=dev)
+        m, log_s = (torch.empty(T, dtype=torch.float32, device=dev) for _ in range(2))
+        _launch(logits, targets, old, adv, mask, ref, (loss, coef, lp, ent, ratio, kl, flags, m, log_s),
+                temperature, cfg, from_logits=True)
     else:
         lp, ent, m, log_s, _ = lpe.logprob_entropy_forward(logits, targets, temperature, tp_group,
                                                             vocab_start)
-        if T > 0:  # epilogue only: BLOCK_V is unused, 4 warps cover 1024 elementwise lanes
-            with quiet_masked_lanes():
-                _grpo_fwd_kernel[(triton.cdiv(T, ELEMENTWISE_BLOCK),)](
-                    logits, targets, old, adv, mask, ref_arg, loss, coef, lp, ent, ratio, kl, flags, m,
-                    log_s, T, v_shard, logits.stride(0), *scalars, FROM_LOGITS=False, **consts,
-                    BLOCK_T=ELEMENTWISE_BLOCK, BLOCK_V=16, num_warps=4)
+        loss, coef, ratio, kl, flags = grpo_epilogue(targets, lp, old, adv, mask, ref, cfg)
     return loss, coef, lp, ent, ratio, kl, flags, m, log_s
 
 
@@ -178,9 +242,12 @@ def grpo_forward(logits, targets, old, adv, mask, ref, temperature, tp_group, vo
 # ----------------------------------------------------------------------------------------------
 class GrpoLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, old, adv, mask, ref, temperature, tp_group, cfg):
+    def forward(ctx, logits, targets, old, adv, mask, ref, temperature, tp_group, cfg, inplace_backward):
         vocab_start, _ = lpe.check_inputs(logits, targets, tp_group)
         temp = lpe.temperature_value(temperature)
+        if inplace_backward:
+            lpe.check_inplace_allowed(logits)
+        ctx.inplace_backward = inplace_backward
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         loss, coef, lp, ent, ratio, kl, flags, m, log_s = grpo_forward(
             logits, targets, old, adv, mask, ref, temp, tp_group, vocab_start, cfg)
@@ -196,17 +263,21 @@ class GrpoLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_stat_grads):
         logits, targets, m, log_s, coef = ctx.saved_tensors
         if grad_loss is None:  # only the (non-differentiable) stats were used
-            return (None,) * 9
+            return (None,) * 10
         compute_dtemp = ctx.temp_meta is not None and ctx.needs_input_grad[6]
         g_lp = grad_loss.float() * coef  # [T]: chain rule through the elementwise token loss
+        out = None
+        if ctx.inplace_backward and ctx.needs_input_grad[0]:
+            lpe.InplaceBackwardGuard.consume(ctx)
+            out = logits
         dlogits, dtemp = lpe.logprob_entropy_backward(
             logits, targets, m, log_s, m, g_lp, None, ctx.temp, ctx.vocab_start, compute_dtemp,
-            ctx.tp_group)
+            ctx.tp_group, out=out)
         if dtemp is not None:
             shape, dtype = ctx.temp_meta
             dtemp = dtemp.reshape(shape).to(dtype)
         return (dlogits if ctx.needs_input_grad[0] else None,
-                None, None, None, None, None, dtemp, None, None)
+                None, None, None, None, None, dtemp, None, None, None)
 
 
 def fused_grpo_loss(
@@ -224,36 +295,26 @@ def fused_grpo_loss(
     kl_type: str = "k3",
     temperature: float | torch.Tensor = 1.0,
     tp_group: dist.ProcessGroup | None = None,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token clipped GRPO loss [T] (fp32, differentiable w.r.t. logits and temperature) + stats.
 
     logits [T, V] or this rank's [T, V/tp] shard with `tp_group`; targets [T] int64 (-100: ignored,
     loss 0); old_logprobs, advantages, loss_mask, ref_logprobs: [T] per token (not differentiated).
+    Rows with loss_mask 0 or target -100 carry no loss and are skipped (their logits are not read):
+    loss, stats and gradient are 0 there (flags False).
     stats (detached, [T]): logprobs, entropy, ratio, kl (zeros without ref_logprobs), and bool flags
     clipped_low (A < 0, ratio < 1 - eps_low), clipped_high (A > 0, ratio > 1 + eps_high), dual_clipped.
+    inplace_backward: write dlogits into the logits' buffer (see `fused_logprob_entropy`).
     Reduce with `kernels.aggregation.aggregate_terms` / `aggregate_loss`.
     """
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}.")
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs; pass them or set kl_coef=0.")
-    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
-        raise ValueError(f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got "
-                         f"{clip_eps_low}, {clip_eps_high}.")
-    if dual_clip_c is not None and not dual_clip_c > 1.0:
-        raise ValueError(f"dual_clip_c must be > 1 (typically 3), got {dual_clip_c}; None disables it.")
+    cfg = grpo_config(kl_type, kl_coef, ref_logprobs, clip_eps_low, clip_eps_high, dual_clip_c)
+    lpe.check_inputs(logits, targets, tp_group)  # every target id, also where the mask is 0
     T = logits.shape[0]
-    dev = logits.device
-    old = _token_vector(old_logprobs, "old_logprobs", T, dev)
-    adv = _token_vector(advantages, "advantages", T, dev)
-    mask = _token_vector(loss_mask, "loss_mask", T, dev)
-    if targets.shape == (T,):
-        mask = mask * (targets != IGNORE_INDEX)  # an unlabeled position never carries loss
-    ref = None if ref_logprobs is None else _token_vector(ref_logprobs, "ref_logprobs", T, dev)
-    cfg = dict(clip_eps_low=float(clip_eps_low), clip_eps_high=float(clip_eps_high),
-               dual_clip_c=dual_clip_c, kl_coef=float(kl_coef), kl_type=kl_type)
+    targets, old, adv, mask, ref = token_inputs(targets, old_logprobs, advantages, loss_mask, ref_logprobs, T,
+                                                logits.device)
     loss, lp, ent, ratio, kl, flags = GrpoLossFunction.apply(
-        logits, targets, old, adv, mask, ref, temperature, tp_group, cfg)
+        logits, targets, old, adv, mask, ref, temperature, tp_group, cfg, bool(inplace_backward))
     stats = {"logprobs": lp, "entropy": ent, "ratio": ratio, "kl": kl,
              "clipped_low": flags[0], "clipped_high": flags[1], "dual_clipped": flags[2]}
     return loss, stats

@@ -71,12 +71,16 @@ def shard_softmax_stats(
     x_ptr, stride_row, rows, row_mask, V_shard, temperature,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Online (m, s, w) over one tile of rows: m = max z, s = sum exp(z-m), w = sum exp(z-m)(z-m)."""
+    """Online (m, s, w) over one tile of rows: m = max z, s = sum exp(z-m), w = sum exp(z-m)(z-m).
+
+    Rows outside `row_mask` are never read (m = -inf, s = w = 0); a tile with no row to read skips
+    the vocab loop entirely, so ignored / masked rows (padding, prompts) cost no logits traffic."""
     row_off = rows.to(tl.int64) * stride_row  # int64: T * V exceeds 2^31 at T=16k, V=152k
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_T], tl.float32)
     w = tl.zeros([BLOCK_T], tl.float32)
-    for v0 in range(0, V_shard, BLOCK_V):
+    v_end = tl.where(tl.max(row_mask.to(tl.int32), axis=0) > 0, V_shard, 0)
+    for v0 in range(0, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols[None, :] < V_shard)
         x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=float("-inf"))
@@ -109,7 +113,10 @@ def load_target_z(x_ptr, tgt_ptr, stride_row, rows, row_mask, vocab_start, V_sha
 
 @triton.jit
 def finalize_row_stats(m, s, w, z_t, valid):
-    """Global (m, s, w, z_target) -> (logprob, entropy, log_s, ez_rel); ignored rows get 0, 0."""
+    """Global (m, s, w, z_target) -> (logprob, entropy, m, log_s, ez_rel); ignored rows get all 0.
+
+    Ignored rows were never read (m = -inf, s = 0): their statistics are set to 0 so that nothing
+    downstream (the backward, the TP reduction) ever sees -inf - -inf."""
     log_s = tl.log(s)
     ez_rel = w / s
     # (z_t - m) <= 0 exactly and log_s >= 0 (s holds exp(0) = 1 for the max); the clamp is a last
@@ -118,7 +125,10 @@ def finalize_row_stats(m, s, w, z_t, valid):
     entropy = log_s - ez_rel
     logprob = tl.where(valid, logprob, 0.0)
     entropy = tl.where(valid, entropy, 0.0)
-    return logprob, entropy, log_s, ez_rel
+    m = tl.where(valid, m, 0.0)
+    log_s = tl.where(valid, log_s, 0.0)
+    ez_rel = tl.where(valid, ez_rel, 0.0)
+    return logprob, entropy, m, log_s, ez_rel
 
 
 @triton.jit
@@ -131,12 +141,12 @@ def _logprob_entropy_fwd_kernel(
     """FINALIZE: writes (logprob, entropy, m, log_s, ez_rel). Else shard partials (m, s, w, z_t)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    m, s, w = shard_softmax_stats(x_ptr, stride_row, rows, row_mask, V_shard, temperature,
-                                  BLOCK_T, BLOCK_V)
     valid, tgt_local, z_t = load_target_z(x_ptr, tgt_ptr, stride_row, rows, row_mask, vocab_start,
                                           V_shard, temperature, IGNORE)
+    m, s, w = shard_softmax_stats(x_ptr, stride_row, rows, valid, V_shard, temperature,
+                                  BLOCK_T, BLOCK_V)
     if FINALIZE:
-        logprob, entropy, log_s, ez_rel = finalize_row_stats(m, s, w, z_t, valid)
+        logprob, entropy, m, log_s, ez_rel = finalize_row_stats(m, s, w, z_t, valid)
         tl.store(out0_ptr + rows, logprob, mask=row_mask)
         tl.store(out1_ptr + rows, entropy, mask=row_mask)
         tl.store(out2_ptr + rows, m, mask=row_mask)
@@ -156,7 +166,10 @@ def _logprob_entropy_bwd_kernel(
     HAS_G_LP: tl.constexpr, HAS_G_ENT: tl.constexpr, COMPUTE_DTEMP: tl.constexpr,
     IGNORE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """dlogits = (g_lp * (onehot - p) + g_ent * p * (ez_rel - d)) / temperature, recomputing p."""
+    """dlogits = (g_lp * (onehot - p) + g_ent * p * (ez_rel - d)) / temperature, recomputing p.
+
+    Ignored rows are not read, only written (zeros). dx_ptr may equal x_ptr (in-place dlogits): each
+    tile is loaded before it is stored, by the same program, and no other program touches it."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=IGNORE)
@@ -183,7 +196,7 @@ def _logprob_entropy_bwd_kernel(
     for v0 in range(0, V_shard, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols[None, :] < V_shard)
-        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=mask & valid[:, None], other=0.0)
         z = x.to(tl.float32) / temperature  # [BLOCK_T, BLOCK_V]
         d = z - m[:, None]
         p = tl.exp(d - log_s[:, None])
@@ -192,6 +205,7 @@ def _logprob_entropy_bwd_kernel(
         if HAS_G_ENT:
             # p = 0 at -inf logits, where (ez_rel - d) = +inf: 0 * inf would be nan
             dz += tl.where(p > 0, g_ent[:, None] * p * (ez_rel[:, None] - d), 0.0)
+        dz = tl.where(valid[:, None], dz, 0.0)  # ignored rows: exact zeros, whatever was (not) loaded
         dx = dz / temperature
         tl.store(dx_ptr + dx_off[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DTEMP:
@@ -255,10 +269,13 @@ def shard_partials(logits, targets, vocab_start, temperature):
 
 
 def reduce_partials(m, s, w, z_t, valid, tp_group):
-    """all_reduce shard partials into global (logprob, entropy, m, log_s, ez_rel) (megatron pattern)."""
+    """all_reduce shard partials into global (logprob, entropy, m, log_s, ez_rel) (megatron pattern).
+
+    Rows that are not `valid` (ignored: never read, m = -inf on every rank) get all-zero statistics."""
     m_global = m.clone()
     dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=tp_group)
-    alpha = torch.exp(m - m_global)  # shard with m = -inf (all -inf logits) -> 0
+    m_global = torch.where(valid, m_global, torch.zeros_like(m_global))
+    alpha = torch.exp(m - m_global)  # shard with m = -inf (all -inf logits, or a skipped row) -> 0
     s_w_zt = torch.stack([  # [3, T]
         alpha * s,
         torch.where(s > 0, alpha * (w + (m - m_global) * s), torch.zeros_like(w)),
@@ -266,9 +283,10 @@ def reduce_partials(m, s, w, z_t, valid, tp_group):
     ])
     dist.all_reduce(s_w_zt, op=dist.ReduceOp.SUM, group=tp_group)
     s_g, w_g, z_t_g = s_w_zt.unbind(0)
+    zeros = torch.zeros_like(s_g)
+    s_g = torch.where(valid, s_g, torch.ones_like(s_g))  # skipped rows: log 1 = 0, 0 / 1 = 0
     log_s = torch.log(s_g)
     ez_rel = w_g / s_g
-    zeros = torch.zeros_like(log_s)
     logprob = torch.where(valid, torch.clamp((z_t_g - m_global) - log_s, max=0.0), zeros)
     entropy = torch.where(valid, log_s - ez_rel, zeros)
     return logprob, entropy, m_global, log_s, ez_rel
@@ -291,11 +309,20 @@ def logprob_entropy_forward(logits, targets, temperature, tp_group, vocab_start)
 
 
 def logprob_entropy_backward(logits, targets, m, log_s, ez_rel, g_lp, g_ent, temperature,
-                             vocab_start, compute_dtemp, tp_group):
-    """(dlogits in logits.dtype, d temperature as a 0-d fp32 tensor or None)."""
+                             vocab_start, compute_dtemp, tp_group, out=None):
+    """(dlogits in logits.dtype, d temperature as a 0-d fp32 tensor or None).
+
+    out: where to write dlogits ([T, V_shard], unit column stride); `out=logits` overwrites the
+    logits with their gradient in place (no second [T, V] buffer). None allocates a new tensor."""
     T, v_shard = logits.shape
     bt, bv = block_sizes(v_shard)
-    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if out is None:
+        dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        if out.shape != logits.shape or out.dtype != logits.dtype or out.stride(-1) != 1:
+            raise ValueError(f"out must be {tuple(logits.shape)} {logits.dtype} with unit column stride, got "
+                             f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+        dlogits = out
     dtemp_rows = torch.empty(T if compute_dtemp else 1, dtype=torch.float32, device=logits.device)
     dummy = m  # never read when the matching HAS_* flag is off
     g_lp_c = g_lp.contiguous() if g_lp is not None else dummy
@@ -318,16 +345,40 @@ def logprob_entropy_backward(logits, targets, m, log_s, ez_rel, g_lp, g_ent, tem
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
+def check_inplace_allowed(logits: torch.Tensor) -> None:
+    """inplace_backward overwrites the logits with dlogits: refuse where autograd would see it."""
+    if logits.requires_grad and logits.is_leaf:
+        raise ValueError(
+            "inplace_backward=True writes dlogits into the logits buffer, but these logits are a leaf "
+            "tensor that requires grad (its .grad would alias its data). Use it on logits produced by an "
+            "op (the output layer's matmul), or pass inplace_backward=False.")
+
+
+class InplaceBackwardGuard:
+    """Remembers that a backward already overwrote the saved logits (a second one would read dlogits)."""
+
+    @staticmethod
+    def consume(ctx) -> None:
+        if getattr(ctx, "logits_consumed", False):
+            raise RuntimeError(
+                "backward ran twice through a call with inplace_backward=True: the first one replaced the "
+                "logits by their gradient. Use inplace_backward=False with retain_graph=True.")
+        ctx.logits_consumed = True
+
+
 class LogprobEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, tp_group):
+    def forward(ctx, logits, targets, temperature, tp_group, inplace_backward):
         vocab_start, _ = check_inputs(logits, targets, tp_group)
         temp = temperature_value(temperature)
+        if inplace_backward:
+            check_inplace_allowed(logits)
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         logprob, entropy, m, log_s, ez_rel = logprob_entropy_forward(logits, targets, temp, tp_group,
                                                                      vocab_start)
         ctx.save_for_backward(logits, targets, m, log_s, ez_rel)
         ctx.temp, ctx.vocab_start, ctx.tp_group = temp, vocab_start, tp_group
+        ctx.inplace_backward = inplace_backward
         ctx.temp_is_tensor = torch.is_tensor(temperature)
         ctx.temp_meta = (temperature.shape, temperature.dtype) if ctx.temp_is_tensor else None
         ctx.set_materialize_grads(False)
@@ -337,17 +388,21 @@ class LogprobEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy):
         logits, targets, m, log_s, ez_rel = ctx.saved_tensors
         if grad_logprob is None and grad_entropy is None:
-            return None, None, None, None
+            return None, None, None, None, None
         compute_dtemp = ctx.temp_is_tensor and ctx.needs_input_grad[2]
+        out = None
+        if ctx.inplace_backward and ctx.needs_input_grad[0]:
+            InplaceBackwardGuard.consume(ctx)
+            out = logits
         dlogits, dtemp = logprob_entropy_backward(
             logits, targets, m, log_s, ez_rel, grad_logprob, grad_entropy, ctx.temp,
-            ctx.vocab_start, compute_dtemp, ctx.tp_group)
+            ctx.vocab_start, compute_dtemp, ctx.tp_group, out=out)
         if not ctx.needs_input_grad[0]:
             dlogits = None
         if dtemp is not None:
             shape, dtype = ctx.temp_meta
             dtemp = dtemp.reshape(shape).to(dtype)
-        return dlogits, None, dtemp, None
+        return dlogits, None, dtemp, None, None
 
 
 def fused_logprob_entropy(
@@ -355,12 +410,18 @@ def fused_logprob_entropy(
     targets: torch.Tensor,
     temperature: float | torch.Tensor = 1.0,
     tp_group: dist.ProcessGroup | None = None,
+    *,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of `targets` and entropy under softmax(logits / temperature).
 
     logits: [T, V] (bf16 / fp16 / fp32), or this rank's [T, V/tp] shard when `tp_group` is given
-    (rank r holds vocab ids [r * V/tp, (r + 1) * V/tp)). targets: [T] int64, -100 = ignore.
+    (rank r holds vocab ids [r * V/tp, (r + 1) * V/tp)). targets: [T] int64, -100 = ignore (those
+    rows are not read: logprob 0, entropy 0, zero gradient).
     temperature: float or 0-d tensor (> 0); a tensor that requires grad gets its gradient.
+    inplace_backward: write dlogits into the logits' own buffer (halves the loss path's peak memory).
+    Only for logits that nothing else reads after this call's backward (e.g. straight out of the
+    output layer); a leaf tensor that requires grad is refused, and a second backward raises.
     Returns (logprobs, entropy), fp32 [T]; both differentiable w.r.t. logits.
     """
-    return LogprobEntropyFunction.apply(logits, targets, temperature, tp_group)
+    return LogprobEntropyFunction.apply(logits, targets, temperature, tp_group, bool(inplace_backward))

@@ -112,13 +112,42 @@ def grpo_loss_reference(
     kl_type: str = "k3",
     temperature: float | torch.Tensor = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reference for `fused_grpo_loss`: per-token loss [T] and the same stats dict."""
+    """Reference for `fused_grpo_loss`: per-token loss [T] and the same stats dict.
+
+    Rows without loss (loss_mask 0 or target -100) have loss 0 and all stats 0 / False, as in the kernel,
+    which skips them."""
+    live = (loss_mask != 0) & (targets != IGNORE_INDEX)
     logprobs, entropy = logprob_entropy_reference(logits, targets, temperature)
-    loss_mask = loss_mask.float() * (targets != IGNORE_INDEX).float()
+    loss_mask = loss_mask.float() * live.float()
     loss, stats = grpo_token_loss_reference(
         logprobs, old_logprobs.float(), advantages.float(), loss_mask,
         None if ref_logprobs is None else ref_logprobs.float(),
         clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high, dual_clip_c=dual_clip_c,
         kl_coef=kl_coef, kl_type=kl_type)
     stats = {"logprobs": logprobs.detach(), "entropy": entropy.detach(), **stats}
+    stats = {k: torch.where(live, v, torch.zeros_like(v)) for k, v in stats.items()}
     return loss, stats
+
+
+def output_layer_logits_reference(hidden: torch.Tensor, weight: torch.Tensor,
+                                  vocab_size: int | None = None) -> torch.Tensor:
+    """[T, V] logits as the unfused output layer makes them: hidden @ weight^T in their dtype (the GEMM
+    accumulates in fp32 and rounds once), restricted to the real vocabulary (rows past `vocab_size` of
+    the weight are padding)."""
+    logits = hidden @ weight.t()  # [T, V_padded]
+    return logits if vocab_size is None else logits[:, :vocab_size]
+
+
+def linear_logprob_entropy_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for `fused_linear_logprob_entropy`: the materialised logits, then the logits oracle."""
+    return logprob_entropy_reference(output_layer_logits_reference(hidden, weight, vocab_size), targets, temperature)
+
+
+def linear_grpo_loss_reference(hidden, weight, targets, old_logprobs, advantages, loss_mask, ref_logprobs=None, *,
+                               vocab_size: int | None = None, **kwargs):
+    """Reference for `fused_linear_grpo_loss`: the materialised logits, then `grpo_loss_reference`."""
+    logits = output_layer_logits_reference(hidden, weight, vocab_size)
+    return grpo_loss_reference(logits, targets, old_logprobs, advantages, loss_mask, ref_logprobs, **kwargs)

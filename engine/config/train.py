@@ -26,7 +26,9 @@ class TrainConfig:
         factory=list, help="model config fields that may differ from init_from's stored config, e.g. "
                            "[model.llm.max_position_embeddings] (others are an error; freeze flags, transformer_impl and "
                            "params_dtype may always differ)")
-    loss_impl: Literal["fused", "reference"] = field_("fused", "token log-prob path: Triton kernel or torch reference")
+    loss_impl: Literal["fused", "fused_linear", "reference"] = field_(
+        "fused", "token log-prob path: Triton kernel on logits, fused with the output layer (no [T, V] logits), "
+        "or torch reference")
     recompute_activations: bool = field_(False, "activation recomputation in the LLM (what: performance.recompute_granularity)")
     fp8: Literal["e4m3", "hybrid"] | None = field_(
         None, "Transformer Engine FP8 GEMMs (hybrid: e4m3 forward, e5m2 gradients); needs TE and bf16 params")
@@ -43,6 +45,10 @@ class TrainConfig:
                                           bounds="[0, inf)")
 
     def validate(self, root) -> None:
+        if self.loss_impl == "fused_linear" and self.stage in ("grpo", "iterative_sft"):
+            raise ConfigError(f"train.loss_impl=fused_linear is wired for the sft, align, connector and mpo stages; "
+                              f"train.stage={self.stage} generates with the model (rollouts), which needs its logits: "
+                              "use train.loss_impl=fused")
         if self.stage != "grpo" and self.global_batch_size % self.micro_batch_size:  # GRPO packs rows per episode
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "

@@ -16,15 +16,18 @@ from functools import partial
 import torch
 
 from engine.rl.preference import RewardShift, mpo_loss
-from engine.train.losses import token_logprobs
+from engine.train.losses import output_weight, token_logprobs
 from engine.train.step import forward_backward
 from engine.train.trainer import Trainer
 
 
-def packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_sequence_logprobs(batch, tp_group, impl, vocab_size, output, *, weight=None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the learned (response) tokens of every sequence j of the micro-batch (wherever its
-    tokens sit: batch["sequence_index"], -1 on padding) and the number of such tokens: (2P,), (2P,)."""
-    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)  # (b, s)
+    tokens sit: batch["sequence_index"], -1 on padding) and the number of such tokens: (2P,), (2P,).
+    output: the logits, or the hidden states with impl=fused_linear (`weight`: the output layer's shard)."""
+    logprobs, _ = token_logprobs(output, batch["labels"], tp_group, impl, vocab_size=vocab_size, weight=weight,
+                                 loss_mask=batch["loss_mask"], inplace_backward=True)  # (b, s)
     index = batch["sequence_index"]
     mask = batch["loss_mask"].float() * (index >= 0)
     n = batch["pair_index"].numel()
@@ -34,15 +37,15 @@ def packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits) -> tuple
     return sums, counts
 
 
-def _reference_logps_loss(batch, tp_group, impl, vocab_size, logits):
-    seq_logps, _ = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits)
-    return logits.new_zeros(()), torch.tensor(0, dtype=torch.int), {"seq_logps": seq_logps.detach()}
+def _reference_logps_loss(batch, tp_group, impl, vocab_size, output, *, weight=None):
+    seq_logps, _ = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, output, weight=weight)
+    return output.new_zeros(()), torch.tensor(0, dtype=torch.int), {"seq_logps": seq_logps.detach()}
 
 
-def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, logits):
-    seq_logps, lengths = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, logits)  # (2P,), (2P,)
+def _mpo_micro_loss(batch, tp_group, impl, vocab_size, mcfg, delta, output, *, weight=None):
+    seq_logps, lengths = packed_sequence_logprobs(batch, tp_group, impl, vocab_size, output, weight=weight)  # (2P,)
     if seq_logps.numel() == 0:  # every pair of this micro-batch failed to load (counted as skips)
-        zero = logits.sum() * 0.0  # keeps the graph (the schedule runs backward on it)
+        zero = output.sum() * 0.0  # keeps the graph (the schedule runs backward on it)
         keys = ("loss_sum", "pref_sum", "quality_sum", "gen_sum", "margin_sum", "accuracy_sum", "reward_sum")
         return zero, torch.tensor(0, dtype=torch.int), {**{k: zero.detach() for k in keys}, "count": 0,
                                                          "reward_count": 0}
@@ -75,7 +78,7 @@ class MPOTrainer(Trainer):
             reports = forward_backward(
                 self.reference, microbatches, self.pg,
                 lambda batch: partial(_reference_logps_loss, batch, self.pg.tp, c.train.loss_impl,
-                                      c.model.llm.vocab_size),
+                                      c.model.llm.vocab_size, weight=output_weight(self.reference, c.train.loss_impl)),
                 forward_only=True,
             )
         for mb, rep in zip(microbatches, reports or [None] * len(microbatches)):
@@ -84,8 +87,9 @@ class MPOTrainer(Trainer):
     def loss_factory(self):
         c = self.cfg
         delta = self.shift.value
+        weight = output_weight(self.model, c.train.loss_impl)
         return lambda batch: partial(_mpo_micro_loss, batch, self.pg.tp, c.train.loss_impl, c.model.llm.vocab_size,
-                                     c.algorithm.mpo, delta)
+                                     c.algorithm.mpo, delta, weight=weight)
 
     def report_sums(self, reports: list[dict]) -> dict[str, float]:
         keys = reports[0].keys()

@@ -46,9 +46,12 @@ def model_inputs(batch: dict) -> dict:
     )
 
 
-def masked_nll_loss(batch, tp_group, impl, vocab_size, logits):
-    """SFT: summed NLL over assistant tokens, their count, and what to report."""
-    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)
+def masked_nll_loss(batch, tp_group, impl, vocab_size, output, *, weight=None):
+    """SFT: summed NLL over assistant tokens, their count, and what to report.
+
+    output: the model's logits, or its hidden states with impl=fused_linear (`weight`: the output layer's)."""
+    logprobs, _ = token_logprobs(output, batch["labels"], tp_group, impl, vocab_size=vocab_size, weight=weight,
+                                 loss_mask=batch["loss_mask"], inplace_backward=True)
     mask = batch["loss_mask"].float()
     per_token = -logprobs * mask  # (b, s)
     loss_sum = per_token.sum()
@@ -57,15 +60,9 @@ def masked_nll_loss(batch, tp_group, impl, vocab_size, logits):
     return loss_sum, mask.sum().to(torch.int), report
 
 
-def sequence_logprobs(batch, tp_group, impl, vocab_size, logits) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed log-probs of the learned (response) tokens and the number of such tokens."""
-    logprobs, _ = token_logprobs(logits, batch["labels"], tp_group, impl, vocab_size=vocab_size)
-    mask = batch["loss_mask"].float()
-    return (logprobs * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def nll_loss_factory(tp_group, vocab_size: int, impl: str = "reference"):
-    return lambda batch: partial(masked_nll_loss, batch, tp_group, impl, vocab_size)
+def nll_loss_factory(tp_group, vocab_size: int, impl: str = "reference", weight=None):
+    """weight: the output layer's weight shard, for impl=fused_linear (engine.train.losses.output_weight)."""
+    return lambda batch: partial(masked_nll_loss, batch, tp_group, impl, vocab_size, weight=weight)
 
 
 def forward_backward(model, microbatches: list[dict], pg_collection, loss_factory,

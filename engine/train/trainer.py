@@ -22,6 +22,7 @@ from engine.train import checkpointing as ckpt
 from engine.train.flops import device_peak_flops, step_flops, token_stats
 from engine.train.metrics import MetricsWriter
 from engine.train.optim import build_optimizer, lr_at, set_lr
+from engine.train.losses import output_weight, prepare_model
 from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
 
 
@@ -48,6 +49,7 @@ class Trainer:
         self.dp_rank, self.dp_size = dist.get_rank(self.pg.dp), dist.get_world_size(self.pg.dp)
         self.num_micro = self.microbatches_per_step()
         self.model = build_for_this_stage(cfg, self.pg)
+        prepare_model(self.model, cfg.train.loss_impl)  # fused_linear: the model returns hidden states
         self.ddp = wrap_ddp(self.model, cfg, self.pg)
         self.optimizer = build_optimizer(cfg, [self.ddp])
         self.step = 0
@@ -151,7 +153,8 @@ class Trainer:
 
     def loss_factory(self):
         """megatron loss function per micro-batch (SFT: masked NLL over assistant tokens)."""
-        return nll_loss_factory(self.pg.tp, self.cfg.model.llm.vocab_size, self.cfg.train.loss_impl)
+        impl = self.cfg.train.loss_impl
+        return nll_loss_factory(self.pg.tp, self.cfg.model.llm.vocab_size, impl, output_weight(self.model, impl))
 
     def build_data(self, state: dict | None):
         from engine.data.loader import build_train_iterator
@@ -171,6 +174,7 @@ class Trainer:
         from engine.model.build import build_for_this_stage
 
         ref = build_for_this_stage(self.cfg, self.pg)
+        prepare_model(ref, self.cfg.train.loss_impl)
         ref.freeze(vision=True, projector=True, llm=True)
         ref_dir = Path(self.cfg.train.run_dir) / "reference"
         if (ref_dir / "meta.json").exists():

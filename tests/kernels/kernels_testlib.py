@@ -69,3 +69,77 @@ def random_targets(T: int, V: int, ignore_every: int = 0, seed: int = 1) -> torc
     if ignore_every:
         targets[::ignore_every] = -100
     return targets
+
+
+# ---- fused output layer (hidden @ weight^T inside the loss) ------------------------------------
+MATMUL_GRAD_EPS = {torch.float32: 2.0**-17, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+"""dhidden / dweight come out of a GEMM over dlogits. Both sides round each dlogit once to the dtype
+(a boundary straddle: one ulp, relative eps/2), then the GEMM sums V (or T) products and rounds once.
+So |got - want| <= eps * (|dlogits| @ |other operand| + |want|) elementwise: the standard GEMM error
+bound with the two sides' roundings added. eps = 2^-7 bf16 / 2^-10 fp16 (one ulp, both sides);
+fp32: 2^-17 ~ 7.6e-6 for the summation order over up to ~1e4 terms. Plus 1e-6 absolute.
+`test_fused_linear_checks_catch_*` show a 10% (bf16) / 0.1% (fp32) error in a gradient fails."""
+
+
+def assert_matmul_grad_close(name: str, got: torch.Tensor, want: torch.Tensor, abs_terms: torch.Tensor,
+                             dtype: torch.dtype) -> None:
+    """got/want: a GEMM's gradient; abs_terms: |dlogits| @ |other operand| (fp32/64), same shape."""
+    assert got is not None, f"{name}: implementation produced no gradient"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    eps = MATMUL_GRAD_EPS[dtype]
+    diff = (got.double() - want.double()).abs()
+    bound = eps * (abs_terms.double() + want.double().abs()) + 1e-6
+    bad = diff > bound
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0, 0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements outside the GEMM bound; first at "
+                             f"flat index {i}: got {got.flatten()[i].item():.6g}, want {want.flatten()[i].item():.6g}, "
+                             f"bound {bound.flatten()[i].item():.3g} (max diff {diff.max().item():.3g})")
+
+
+def random_linear_problem(T: int, H: int, V: int, dtype, ignore_every: int = 0, vocab_size: int | None = None,
+                          seed: int = 0):
+    """hidden [T, H], weight [V, H] (logits ~ N(0, 3^2)) and targets below vocab_size (or V)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(dtype)
+    targets = torch.randint(0, vocab_size or V, (T,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    return hidden, weight, targets
+
+
+def linear_grads(fn, hidden, weight, temperature, upstream: dict[str, torch.Tensor]):
+    """Call fn(h, w, temp) -> dict; backprop sum(out * upstream); returns (outs, dh, dw, dtemp)."""
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    temp = temperature.detach().clone().requires_grad_(True) if torch.is_tensor(temperature) else temperature
+    outs = fn(h, w, temp)
+    sum((outs[k].float() * g).sum() for k, g in upstream.items()).backward()
+    return outs, h.grad, w.grad, (temp.grad if torch.is_tensor(temp) else None)
+
+
+def reference_dlogits(logits_fn, hidden, weight, temperature, upstream) -> torch.Tensor:
+    """fp32 dL/dlogits of the materialised reference (for the GEMM error bound): logits_fn(logits, temp) -> dict."""
+    from kernels.reference import output_layer_logits_reference
+
+    logits = output_layer_logits_reference(hidden.float(), weight.float()).requires_grad_(True)
+    temp = temperature.detach() if torch.is_tensor(temperature) else temperature
+    outs = logits_fn(logits, temp)
+    sum((outs[k].float() * g).sum() for k, g in upstream.items()).backward()
+    return logits.grad
+
+
+def compare_linear_to_reference(impl, reference, logits_fn, hidden, weight, temperature, upstream, output_keys):
+    """impl / reference: fn(h, w, temp) -> dict. Checks outputs, dhidden, dweight (GEMM bound), dtemperature."""
+    got, got_dh, got_dw, got_dt = linear_grads(impl, hidden, weight, temperature, upstream)
+    want, want_dh, want_dw, want_dt = linear_grads(reference, hidden, weight, temperature, upstream)
+    for key in output_keys:
+        assert_close(key, got[key], want[key], **OUTPUT_TOL)
+    dz = reference_dlogits(logits_fn, hidden, weight, temperature, upstream).abs().double()  # [T, V]
+    assert_matmul_grad_close("dhidden", got_dh, want_dh, dz @ weight.double().abs(), hidden.dtype)
+    assert_matmul_grad_close("dweight", got_dw, want_dw, dz.t() @ hidden.double().abs(), hidden.dtype)
+    if want_dt is not None:
+        assert_close("dtemperature", got_dt if got_dt is not None else torch.zeros_like(want_dt), want_dt,
+                     **TEMPERATURE_GRAD_TOL)
+    return got

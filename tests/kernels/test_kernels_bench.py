@@ -9,9 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench_kernels.py"
-FIELDS = {"op", "impl", "mode", "tokens", "vocab", "tp", "v_shard", "dtype", "status", "reason", "time_ms",
-          "peak_mem_mb", "mem_method", "bytes_moved", "gbps", "roofline_frac", "speedup_vs_eager",
-          "mem_ratio_vs_eager"}
+FIELDS = {"op", "impl", "mode", "tokens", "vocab", "tp", "v_shard", "hidden", "dtype", "status", "reason", "time_ms",
+          "peak_mem_mb", "mem_method", "bytes_moved", "gbps", "roofline_frac", "flops", "tflops", "speedup_vs_eager",
+          "mem_ratio_vs_eager", "ignore_frac"}
+LINEAR_OPS = ("linear_logprob_entropy", "linear_grpo_loss")
 
 
 def _run(tmp_path, *extra):
@@ -24,21 +25,27 @@ def _run(tmp_path, *extra):
 
 
 def test_bench_tiny_rows_and_fields(tmp_path):
-    result = _run(tmp_path, "--no-compile")
+    result = _run(tmp_path, "--no-compile", "--reps", "1", "--warmup", "0")
     meta, rows = result["meta"], result["rows"]
     assert meta["peak_gbps"] > 0 and meta["bytes_model"] and meta["triton_interpreter"] in (True, False)
-    # 3 tiny shapes x 2 ops x 5 implementations x 3 modes
-    assert len(rows) == 3 * 2 * 5 * 3
+    # 3 tiny shapes x 3 modes x (2 logits ops x 5 implementations + 2 linear ops x 7 implementations)
+    assert len(rows) == 3 * 3 * (2 * 5 + 2 * 7)
     for row in rows:
         assert FIELDS <= row.keys(), FIELDS - row.keys()
         assert row["v_shard"] * row["tp"] == row["vocab"]
-    measured = [r for r in rows if r["impl"] in ("triton", "torch_eager")]
+    measured = [r for r in rows if r["impl"] in ("triton", "triton_inplace", "fused_linear", "torch_eager")]
+    assert {r["impl"] for r in measured if r["op"] in LINEAR_OPS} == {"triton", "triton_inplace", "fused_linear",
+                                                                      "torch_eager"}
     assert {r["status"] for r in measured} == {"ok"}
     for r in measured:
         assert r["time_ms"] > 0 and r["gbps"] > 0 and r["roofline_frac"] > 0
         factor = {"forward": 1, "backward": 2, "full": 3}[r["mode"]]
         assert r["bytes_moved"] == factor * r["tokens"] * r["v_shard"] * 2  # bf16
-        assert r["mem_method"] in ("cuda_max_memory_allocated", "cpu_rss_delta_sampled_1ms")
+        assert r["mem_method"] in ("cuda_max_memory_allocated", "torch_profiler_cpu_alloc_events")
+        if r["op"] in LINEAR_OPS:
+            assert r["flops"] == 2 * factor * r["tokens"] * r["v_shard"] * r["hidden"] and r["tflops"] > 0
+        else:
+            assert r["hidden"] is None and r["flops"] is None
     for r in rows:
         if r["impl"] == "torch_compile":
             assert r["status"] == "skipped" and r["reason"] == "--no-compile"

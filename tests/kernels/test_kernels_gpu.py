@@ -3,8 +3,22 @@
 import pytest
 import torch
 
-from kernels import fused_grpo_loss, fused_logprob_entropy, grpo_loss_reference, logprob_entropy_reference
-from kernels_testlib import GRAD_TOL, OUTPUT_TOL, TEMPERATURE_GRAD_TOL, assert_close
+from kernels import (
+    fused_grpo_loss,
+    fused_linear_logprob_entropy,
+    fused_logprob_entropy,
+    grpo_loss_reference,
+    linear_logprob_entropy_reference,
+    logprob_entropy_reference,
+)
+from kernels_testlib import (
+    GRAD_TOL,
+    OUTPUT_TOL,
+    TEMPERATURE_GRAD_TOL,
+    assert_close,
+    assert_matmul_grad_close,
+    linear_grads,
+)
 
 pytestmark = pytest.mark.gpu
 # The temperature gradient sums T*V = 6e8 fp32 terms in a different order on each side (per-row
@@ -67,4 +81,41 @@ def test_grpo_loss_real_size(dtype):
     want, want_dx, want_dt = _run(reference, logits, up[:1])
     assert_close("loss", got[0], want[0], **OUTPUT_TOL)
     assert_close("dlogits", got_dx, want_dx, **GRAD_TOL[dtype])
+    assert_close("dtemperature", got_dt, want_dt, **BIG_SUM_TOL)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_linear_real_size(dtype):
+    """Output layer of Qwen2.5-32B (H=5120, V=152064 padded from 151643) at T=4096, with cuBLAS chunk GEMMs.
+
+    Unlike on CPU, cuBLAS may pick another algorithm for a [C, H] chunk than for the whole [T, H], so a
+    bf16 logit can round differently: outputs get 2 bf16 ulps of the largest |logit| (fp32: 1e-4)."""
+    T, H, V, vocab = 4096, 5120, 152064, 151643
+    g = torch.Generator(device="cuda").manual_seed(3)
+    hidden = torch.randn(T, H, generator=g, device="cuda").to(dtype)
+    weight = (torch.randn(V, H, generator=g, device="cuda") * (4.0 / H**0.5)).to(dtype)
+    targets = torch.randint(0, vocab, (T,), generator=g, device="cuda")
+    targets[::97] = -100
+    up = {"logprobs": torch.randn(T, generator=g, device="cuda"), "entropy": torch.randn(T, generator=g, device="cuda")}
+
+    def fused(h, w, t):
+        lp, ent = fused_linear_logprob_entropy(h, w, targets, t, vocab_size=vocab)
+        return {"logprobs": lp, "entropy": ent}
+
+    def reference(h, w, t):
+        lp, ent = linear_logprob_entropy_reference(h, w, targets, t, vocab_size=vocab)
+        return {"logprobs": lp, "entropy": ent}
+
+    got, got_dh, got_dw, got_dt = linear_grads(fused, hidden, weight, torch.tensor(0.9, device="cuda"), up)
+    want, want_dh, want_dw, want_dt = linear_grads(reference, hidden, weight, torch.tensor(0.9, device="cuda"), up)
+    z = (hidden @ weight.t()).float()[:, :vocab].detach().requires_grad_(True)  # for the tolerances
+    atol = 2.0**-7 * z.detach().abs().max().item() if dtype == torch.bfloat16 else 1e-4
+    lp, ent = logprob_entropy_reference(z, targets, 0.9)
+    dz, = torch.autograd.grad((lp * up["logprobs"]).sum() + (ent * up["entropy"]).sum(), [z])
+    for key in ("logprobs", "entropy"):
+        assert_close(key, got[key], want[key], atol=atol, rtol=1e-5)
+    dz = torch.nn.functional.pad(dz.abs(), (0, V - vocab))  # [T, V]; padding columns carry no gradient
+    assert_matmul_grad_close("dhidden", got_dh, want_dh, dz @ weight.float().abs(), dtype)
+    assert_matmul_grad_close("dweight", got_dw, want_dw, dz.t() @ hidden.float().abs(), dtype)
     assert_close("dtemperature", got_dt, want_dt, **BIG_SUM_TOL)

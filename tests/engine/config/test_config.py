@@ -156,3 +156,14 @@ def test_every_numeric_field_of_the_tree_declares_its_range():
             value = getattr(value, part)
         for v in (value if isinstance(value, list) else [value]):
             assert v is None or f.metadata["bounds"].contains(v), (path, v)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "iterative_sft"])
+def test_fused_linear_loss_is_rejected_where_the_model_generates(stage):
+    with pytest.raises(ConfigError, match=rf"train.loss_impl=fused_linear .* train.stage={stage} generates"):
+        load_config(None, [f"train.stage={stage}", "train.loss_impl=fused_linear"])
+
+
+def test_fused_linear_loss_is_accepted_for_sft_and_mpo():
+    for stage in ("sft", "mpo"):
+        assert load_config(None, [f"train.stage={stage}", "train.loss_impl=fused_linear"]).train.loss_impl == "fused_linear"

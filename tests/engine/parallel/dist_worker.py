@@ -61,9 +61,10 @@ def make_batches(cfg, seed: int = 0) -> list[dict]:
 
 
 def gathered_logits(model, batch, pg, vocab_size: int) -> torch.Tensor:
+    from engine.model.output_layer import logits_output
     from engine.train.step import model_inputs
 
-    with torch.no_grad():
+    with torch.no_grad(), logits_output(model):  # also for a model prepared for loss_impl=fused_linear
         local = model(**model_inputs(batch))  # (b, s, V/tp)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(pg.tp))]
     dist.all_gather(parts, local.contiguous(), group=pg.tp)
@@ -76,6 +77,7 @@ def run(args) -> None:
     from engine.parallel import full_state as fs
     from engine.parallel.init import initialize
     from engine.parallel.wrap import unwrap, wrap_ddp
+    from engine.train.losses import output_weight, prepare_model
     from engine.train.step import forward_backward, nll_loss_factory, summarize_lm
 
     out = Path(args.out)
@@ -109,12 +111,14 @@ def run(args) -> None:
             fs.is_gated_fc1 = lambda name, model: False
         fs.load_full_state(model, full, pg.tp)
 
+    prepare_model(model, args.loss_impl)
     batches = make_batches(cfg)
     if cfg.parallel.virtual_pipeline_model_parallel_size > 1:
         return run_chunks(args, cfg, pg, full, batches, out)
     ddp = wrap_ddp(model, cfg, pg)
     ddp.zero_grad_buffer()
-    result = summarize_lm(forward_backward(ddp, batches, pg, nll_loss_factory(pg.tp, vocab, args.loss_impl)))
+    loss_factory = nll_loss_factory(pg.tp, vocab, args.loss_impl, output_weight(model, args.loss_impl))
+    result = summarize_lm(forward_backward(ddp, batches, pg, loss_factory))
     grads = fs.full_state(unwrap(ddp), pg.tp, vocab, grads=True)
     saved = {"grads": grads}
     if result:

@@ -55,11 +55,13 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize(
     "tp,pp,loss_impl",
-    [(2, 1, "reference"), (1, 2, "reference"), (2, 2, "reference"), (2, 1, "fused")],
-    ids=["tp2", "pp2", "tp2xpp2", "tp2-fused-triton-loss"],
+    [(2, 1, "reference"), (1, 2, "reference"), (2, 2, "reference"), (2, 1, "fused"), (2, 1, "fused_linear"),
+     (2, 2, "fused_linear")],
+    ids=["tp2", "pp2", "tp2xpp2", "tp2-fused-triton-loss", "tp2-fused-linear-loss", "tp2xpp2-fused-linear-loss"],
 )
 def test_layout_matches_tp1_pp1(reference, tmp_path, tp, pp, loss_impl):
-    """The reference run uses megatron's vocab-parallel cross entropy; the fused run the Triton kernel."""
+    """The reference run uses megatron's vocab-parallel cross entropy; the fused run the Triton kernel (dlogits
+    in place); the fused_linear run the output layer fused into the loss (the model returns hidden states)."""
     init, ref = reference
     torchrun(WORKER, ["--mode", "compare", "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp_path),
                       "--loss-impl", loss_impl], nproc=tp * pp)
