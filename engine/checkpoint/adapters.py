@@ -93,7 +93,7 @@ class Adapter:
         return []
 
 
-def _tokenizer_token_id(hf_dir: Path, token: str) -> int | None:
+def tokenizer_token_id(hf_dir: Path, token: str) -> int | None:
     tok = hf_dir / "tokenizer.json"
     if tok.is_file():
         for added in json.loads(tok.read_text()).get("added_tokens", []):
@@ -181,7 +181,7 @@ class InternVLChatAdapter(Adapter):
         vision["select_layer"] = hc._select_from_hf(c["select_layer"], where)
         image_token_id = c.get("img_context_token_id")
         if image_token_id is None:
-            image_token_id = _tokenizer_token_id(hf_dir, IMG_CONTEXT)
+            image_token_id = tokenizer_token_id(hf_dir, IMG_CONTEXT)
         if image_token_id is None:
             raise CheckpointError(
                 f"{hf_dir}: cannot find the id of {IMG_CONTEXT}: config.json has no img_context_token_id and the "
@@ -224,7 +224,7 @@ class InternVLChatAdapter(Adapter):
         if not (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
             return [f"{out} has no tokenizer (the checkpoint records none); copy the LLM's tokenizer files next to "
                     f"it before serving it (vLLM needs {', '.join(CHAT_IMAGE_TOKENS)} in it)"]
-        ids = {t: _tokenizer_token_id(out, t) for t in CHAT_IMAGE_TOKENS}
+        ids = {t: tokenizer_token_id(out, t) for t in CHAT_IMAGE_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             return [f"the tokenizer in {out} does not declare {', '.join(missing)}; vLLM's InternVL processor spells "
@@ -243,7 +243,7 @@ class Qwen2Adapter(Adapter):
     def model_dict(self, c: dict, hf_dir: Path) -> dict:
         llm = hc.llm_from_hf(c, f"{hf_dir}/config.json")
         llm["tie_embeddings"] = bool(c.get("tie_word_embeddings", False))
-        token = _tokenizer_token_id(hf_dir, IMG_CONTEXT)
+        token = tokenizer_token_id(hf_dir, IMG_CONTEXT)
         out = {"llm": llm, "text_only": True, "params_dtype": hc.hf_dtype(c) or "float32",
                # text-only: the image token is never used; any in-vocabulary id keeps the config valid
                "image_token_id": token if token is not None else 0}

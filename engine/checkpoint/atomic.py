@@ -55,7 +55,6 @@ def is_nonempty(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-_rank, _is_nonempty = rank, is_nonempty  # the names engine/checkpoint/convert.py imports
 
 
 def _all_ok(ok: bool) -> bool:

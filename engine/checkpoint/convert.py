@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, _tokenizer_token_id, check_model_dict, detect_layout
-from engine.checkpoint.atomic import _is_nonempty, _rank, atomic_output_dir
+from engine.checkpoint.adapters import ADAPTERS, IMG_CONTEXT, Adapter, tokenizer_token_id, check_model_dict, detect_layout
+from engine.checkpoint.atomic import atomic_output_dir, is_nonempty, rank
 from engine.checkpoint.conversion_config import engine_config
 from engine.checkpoint.hf_io import AUX_FILES, CheckpointError, HFReader, HFWriter, copy_aux_files, read_config
 from engine.checkpoint.hf_rows import HFRows
 from engine.checkpoint.keymap import mappings, num_layers
 from engine.checkpoint.lazy_save import MAX_PIECE_BYTES, build_layout
 from engine.checkpoint.lazy_save import save as save_pieces
-from engine.checkpoint.mcore_io import _VOCAB, GroupReader, read_meta, write_meta
+from engine.checkpoint.mcore_io import VOCAB_PARAM_NAMES, GroupReader, read_meta, write_meta
 from engine.config.base import ConfigError
 from engine.model.transformer_configs import torch_dtype
 
@@ -84,7 +84,7 @@ def _vocab_of(src: Source) -> int | None:
 def tokenizer_report(vision: Source, connector: Source | None, llm: Source) -> list[str]:
     """Differences between the LLM's tokenizer and the ones the vision/connector were trained with."""
     notes = []
-    llm_digest, llm_img = _tokenizer_digest(llm.dir), _tokenizer_token_id(llm.dir, IMG_CONTEXT)
+    llm_digest, llm_img = _tokenizer_digest(llm.dir), tokenizer_token_id(llm.dir, IMG_CONTEXT)
     for role, src in (("vision", vision), ("connector", connector)):
         if src is None or src.dir == llm.dir or src.adapter.name == "internvit":
             continue
@@ -113,7 +113,7 @@ def assemble_model_dict(vision: Source | None, connector: Source | None, llm: So
     proj_src = connector if connector is not None else vision
     md["projector"] = proj_src.model_dict.get("projector", {"downsample_ratio": 0.5})
     if image_token_id is None:
-        image_token_id = _tokenizer_token_id(llm.dir, IMG_CONTEXT)
+        image_token_id = tokenizer_token_id(llm.dir, IMG_CONTEXT)
     if image_token_id is None and "image_token_id" in llm.model_dict and not llm.model_dict.get("text_only"):
         image_token_id = llm.model_dict["image_token_id"]
     if image_token_id is None:
@@ -332,7 +332,7 @@ def plan_hf_to_mcore(sources: dict[str, Source | None], mcfg, tp: int, pg, max_p
     check_all_read(sources, mcfg)
     hf = HFRows(sources, mcfg)
     fresh = _fresh_tensors(mcfg, pg, sources)
-    vocab = {n: (mcfg.llm.vocab_size, mcfg.llm.padded_vocab_size(tp)) for n in _VOCAB}
+    vocab = {n: (mcfg.llm.vocab_size, mcfg.llm.padded_vocab_size(tp)) for n in VOCAB_PARAM_NAMES}
     model = build_meta_model(mcfg, pg)  # TP=1/PP=1 on the meta device: keys, shapes, dtypes only
     layout = build_layout(model.sharded_state_dict(), vocab_rows=vocab, max_piece_bytes=max_piece_bytes,
                           sliceable=lambda n: n in fresh or (n in hf and hf.sliceable(n)))
@@ -370,7 +370,7 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
         if src is not None:
             parts_of.setdefault(src.dir, []).append(part)
     refuse_overlap(out, {f"source of the {'/'.join(parts)}": d for d, parts in parts_of.items()})
-    if _is_nonempty(Path(out)) and not force:  # fail before building anything
+    if is_nonempty(Path(out)) and not force:  # fail before building anything
         raise CheckpointError(f"output {out} exists and is not empty; pass --force to replace it")
     check_model_dict(model_dict, "converted config")
     cfg = engine_config(model_dict, tp, pp)  # validates the config for TP x PP and pads ViT heads for TP
@@ -381,10 +381,10 @@ def hf_to_mcore(sources: dict[str, Source | None], model_dict: dict, out: str | 
         from tqdm import tqdm
 
         bar = tqdm(total=layout.nbytes, desc="hf -> mcore", unit="B", unit_scale=True, file=sys.stderr,
-                   dynamic_ncols=True, disable=not (show_progress and _rank() == 0))
+                   dynamic_ncols=True, disable=not (show_progress and rank() == 0))
         with bar:
             save_pieces(layout, tmp, produce, on_written=bar.update)
-        if _rank() == 0:
+        if rank() == 0:
             aux = tmp / TOKENIZER_SUBDIR
             aux.mkdir()
             copied = copy_aux_files(llm_src.dir, aux)

@@ -29,7 +29,7 @@ from engine.config.model import ModelConfig
 META = "engine_checkpoint.json"
 TRAINER_META = "meta.json"
 FORMAT_VERSION = 1
-_VOCAB = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
+VOCAB_PARAM_NAMES = ("llm.embedding.word_embeddings.weight", "llm.output_layer.weight")
 # Fields that may differ between the writer and the reader of a checkpoint (not architecture).
 # padded_num_heads: extra all-zero ViT heads for a TP size; a checkpoint loads with any padding (vit_padding).
 FREE_FIELDS = {"freeze", "transformer_impl", "params_dtype", "padded_num_heads"}
@@ -204,7 +204,7 @@ class GroupReader:
             if key not in self._stored:
                 raise CheckpointError(f"{self.dir}: tensor '{key}' (our '{n}') is missing from the checkpoint")
             stored = self._stored[key]
-            if n in _VOCAB:
+            if n in VOCAB_PARAM_NAMES:
                 shape = (self.mcfg.llm.vocab_size, *shape[1:])  # the real rows; padding stays on disk
             offsets = (0,) * len(shape)
             if layer is not None:

@@ -45,10 +45,6 @@ class TrainConfig:
                                           bounds="[0, inf)")
 
     def validate(self, root) -> None:
-        if self.loss_impl == "fused_linear" and self.stage in ("grpo", "iterative_sft"):
-            raise ConfigError(f"train.loss_impl=fused_linear is wired for the sft, align, connector and mpo stages; "
-                              f"train.stage={self.stage} generates with the model (rollouts), which needs its logits: "
-                              "use train.loss_impl=fused")
         if self.stage != "grpo" and self.global_batch_size % self.micro_batch_size:  # GRPO packs rows per episode
             raise ConfigError(
                 f"train.global_batch_size={self.global_batch_size} is not a multiple of "

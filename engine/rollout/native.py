@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from engine.model.output_layer import logits_output
 from engine.parallel.device import compute_device, place_tensor
 from engine.rollout.base import (
     Completion, GenerationRequest, GenerationResult, ImageInputs, RolloutEngine, SamplingParams, WeightPush,
@@ -99,7 +100,7 @@ class NativeRolloutEngine(RolloutEngine):
         self.model.eval()
         t0, n_tokens = time.perf_counter(), 0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), logits_output(self.model):  # also when training fuses the output layer into its loss
                 for start in range(0, len(rows), self.max_batch_size):
                     batch = rows[start : start + self.max_batch_size]
                     done = self._generate_batch(batch, params, generator)
@@ -277,7 +278,7 @@ def full_forward_greedy(model, tp_group, vocab_size: int, prompt: list[int], max
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), logits_output(model):
             for _ in range(max_tokens):
                 tokens = place_tensor(torch.tensor([ids]))
                 positions = place_tensor(torch.arange(len(ids))[None])

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from engine.train.grpo_batch import even_over_ranks, pack_rollouts, row_fill, split_for_steps
 from engine.train.grpo_episode import Episode, PromptSource, collect_episode
 from engine.train.grpo_loss import grpo_loss, token_logprobs_loss
+from engine.train.losses import output_weight
 from engine.train.optim import lr_at, set_lr
 from engine.train.step import forward_backward
 from engine.train.trainer import Trainer
@@ -138,11 +139,16 @@ class GRPOTrainer(Trainer):
 
     def old_and_reference_logprobs(self, micro: list[dict]) -> None:
         """old_logprobs / entropy (the policy now, before any update) and ref_logprobs (kl_coef > 0) per token."""
-        loss = lambda b: partial(token_logprobs_loss, b, self.pg.tp, self.cfg.model.llm.vocab_size,  # noqa: E731
-                                 self.cfg.algorithm.grpo.temperature)
+        c = self.cfg
+
+        def loss(model):
+            return lambda b: partial(token_logprobs_loss, b, self.pg.tp, c.model.llm.vocab_size,
+                                     c.algorithm.grpo.temperature, c.train.loss_impl,
+                                     weight=output_weight(model, c.train.loss_impl))
         with torch.no_grad():
-            old = forward_backward(self.ddp, micro, self.pg, loss, forward_only=True)
-            ref = forward_backward(self.reference, micro, self.pg, loss, forward_only=True) if self.reference else None
+            old = forward_backward(self.ddp, micro, self.pg, loss(self.model), forward_only=True)
+            ref = (forward_backward(self.reference, micro, self.pg, loss(self.reference), forward_only=True)
+                   if self.reference else None)
         for k, mb in enumerate(micro):
             mb["old_logprobs"], mb["entropy"] = old[k]["logprobs"], old[k]["entropy"]
             mb["ref_logprobs"] = ref[k]["logprobs"] if ref else None
@@ -151,7 +157,9 @@ class GRPOTrainer(Trainer):
         """ppo_epochs passes over the mini-batches, one optimizer step each through Trainer.optimizer_step.
         Returns this rank's summed loss reports, the grad norms of the steps taken, and whether any was skipped."""
         c, g = self.cfg, self.cfg.algorithm.grpo
-        loss = lambda b: partial(grpo_loss, b, self.pg.tp, c.model.llm.vocab_size, g, c.train.loss_impl)  # noqa: E731
+        weight = output_weight(self.model, c.train.loss_impl)
+        loss = lambda b: partial(grpo_loss, b, self.pg.tp, c.model.llm.vocab_size, g, c.train.loss_impl,  # noqa: E731
+                                 weight=weight)
         sums: dict[str, float] = {}
         grad_norms, skipped = [], False
         for _ in range(g.ppo_epochs):

@@ -51,20 +51,22 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def test_kill9_and_resume_is_bit_identical(demo_data, tmp_path):
+@pytest.mark.parametrize("loss_impl", ["reference", "fused_linear"])
+def test_kill9_and_resume_is_bit_identical(loss_impl, demo_data, tmp_path):
     data = demo_data / "sft.jsonl"
-    finish(launch(tmp_path / "straight", data, []))
+    extra = [f"train.loss_impl={loss_impl}"]  # fused_linear: the output layer fused into the loss (issue 15)
+    finish(launch(tmp_path / "straight", data, extra))
     reference = losses(tmp_path / "straight")
     assert [s for s, _ in reference] == list(range(1, 9))
 
     run = tmp_path / "killed"
-    proc = launch(run, data, [])
+    proc = launch(run, data, extra)
     wait_for_step(run, 5, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
-    finish(launch(run, data, [], resume=True))
+    finish(launch(run, data, extra, resume=True))
     assert losses(run) == reference  # exact float equality, every step
 
 
