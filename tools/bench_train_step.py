@@ -84,7 +84,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:  # a port nothing listens on now (a fixed one collides with other jobs)
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     from engine.model.build import build_for_this_stage
     from engine.parallel.device import compute_device
     from engine.parallel.init import initialize, shutdown
