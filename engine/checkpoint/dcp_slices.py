@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint.atomic import short_error
 from engine.checkpoint.hf_io import CheckpointError
 
 try:  # torch DCP wraps a reader's failure (missing file, bad bytes) in CheckpointException
@@ -19,18 +20,6 @@ try:  # torch DCP wraps a reader's failure (missing file, bad bytes) in Checkpoi
 except ImportError:  # pragma: no cover
     DCPError = RuntimeError
 LOAD_ERRORS = (Exception, DCPError)
-
-
-def short_error(e: BaseException) -> str:
-    """The root cause of a DCP failure (its message otherwise carries every rank's traceback)."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        inner = next(iter(failures.values()))
-        inner = getattr(inner, "exception", inner)
-        if isinstance(inner, tuple):  # (exception, traceback frames)
-            inner = inner[0]
-        return f"{type(inner).__name__}: {inner}"
-    return f"{type(e).__name__}: {e}"
 
 
 def stored_tensors(ckpt_dir: str | Path) -> dict:
