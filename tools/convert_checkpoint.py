@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.report_memory and convert._rank() == 0:
+    if args.report_memory and convert.rank() == 0:
         report["start_rss_bytes"] = start  # python alone
         report["baseline_rss_bytes"] = baseline  # after python/torch/megatron/engine imports, before any work
         report["peak_above_baseline_bytes"] = report["peak_rss_bytes"] - baseline

@@ -31,6 +31,9 @@ START=$(date +%s)
 SUMMARY="$OUT/steps.jsonl"
 : > "$SUMMARY"
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+# A single-node check: a rendezvous inherited from the caller (a Slurm job, a test process that already holds
+# MASTER_PORT) would make every step's process group bind that same port.
+unset MASTER_ADDR MASTER_PORT RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 
 run_step() {  # run_step NAME LIMIT_S CMD...: one step under min(LIMIT_S, what is left of the budget)
   local name=$1 limit=$2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -16,9 +17,13 @@ from tests.helpers.torchrun import REPO
 @pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_report(tmp_path):
     out = tmp_path / "gpu_check"
-    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "420"}
-    proc = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--dry-run"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    with socket.socket() as taken:  # a rendezvous port inherited from the caller and already in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_BUDGET": "420",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(taken.getsockname()[1])}
+        proc = subprocess.run(["bash", "tools/gpu_check.sh", str(out), "--dry-run"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["step"]: s["rc"] for s in summary["steps"]}

@@ -76,10 +76,10 @@ def main(recipe: str, data: str, run_dir: str, out: str, *overrides: str) -> Non
     def watch_loss(module, name):
         fn = getattr(module, name)
 
-        def loss_inputs(batch, *args):
+        def loss_inputs(batch, *args, **kwargs):
             counts["loss"] += 1
             check("loss", {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
-            return fn(batch, *args)
+            return fn(batch, *args, **kwargs)
         setattr(module, name, loss_inputs)
     watch_loss(mpo, "packed_sequence_logprobs")
     watch_loss(grpo, "grpo_loss")
