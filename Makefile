@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-long demo clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): requirements/cpu.txt setup.py tools/env/torchvision_cpu_fix.py
 
 test: venv
 	$(PY) -m pytest -q
+
+# The tests marked `long` (pytest.ini), left out of `make test`: minutes each on 2 cores.
+test-long: venv
+	$(PY) -m pytest -q -m long
 
 demo: venv
 	$(PY) tools/demo.py

@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     unmap_freed_tensors()
     if getattr(args, "report_memory", False):  # imported up front so the baseline below includes the libraries
         import megatron.core.dist_checkpointing  # noqa: F401
+        import torch._dynamo  # noqa: F401  (the meta-device model's init imports it: torch._refs.normal_)
         import torch.distributed.checkpoint  # noqa: F401
         import tqdm  # noqa: F401
 

@@ -17,11 +17,16 @@ Every CUDA assumption we patch is listed here, with where megatron hits it
    states and uses megatron's own seed offsets (`model_parallel_cuda_manual_seed` still decides them).
 6. Activation recomputation (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves and restores the
    CUDA RNG state through `random._get_cuda_rng_state` / `_set_cuda_rng_state` -> the CPU generator's state.
+7. Import: megatron.core.jit binds `jit_fuser = torch.compile` and its fusion modules decorate functions with it
+   at import, which imports torch._dynamo and inductor (~1.7 CPU-s per process, every torchrun worker) for
+   fusions the CPU path does not compile -> `eager_megatron_fusions()`, called by `engine/__init__.py`
+   before anything imports megatron: megatron's own `disable_jit_fuser()` (the functions stay plain torch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -104,6 +109,27 @@ def _install_rng_tracker() -> None:
 
     initialize_rng_tracker.__wrapped__ = original_init
     mrandom.initialize_rng_tracker = initialize_rng_tracker
+
+
+def eager_megatron_fusions() -> None:
+    """Item 7: without CUDA, megatron's jit fusions are plain functions (its `disable_jit_fuser`), and its import
+    does not pull in torch.compile's machinery. Must run before the first `import megatron`; a no-op on CUDA or
+    when megatron is already imported (then its functions keep torch.compile, which is correct, only slower to
+    import)."""
+    if torch.cuda.is_available() or "megatron.core" in sys.modules:
+        return
+    compile_fn = torch.compile
+
+    def no_compile(model=None, **kwargs):  # torch.compile's decorator forms, without compiling
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = no_compile  # only while megatron.core's package imports its fusion modules
+    try:
+        import megatron.core.jit as megatron_jit
+
+        megatron_jit.disable_jit_fuser()  # modules imported later get megatron's no-op decorator
+    finally:
+        torch.compile = compile_fn
 
 
 def activate() -> bool:
