@@ -18,9 +18,9 @@ Every CUDA assumption we patch is listed here, with where megatron hits it
 6. Activation recomputation (`tensor_parallel.checkpoint`, `CheckpointWithoutOutput`) saves and restores the
    CUDA RNG state through `random._get_cuda_rng_state` / `_set_cuda_rng_state` -> the CPU generator's state.
 7. Import: megatron.core.jit binds `jit_fuser = torch.compile` and its fusion modules decorate functions with it
-   at import, which imports torch._dynamo and inductor (~1.7 CPU-s per process, every torchrun worker) for
-   fusions the CPU path does not compile -> `eager_megatron_fusions()`, called by `engine/__init__.py`
-   before anything imports megatron: megatron's own `disable_jit_fuser()` (the functions stay plain torch).
+   at import, which imports torch._dynamo and inductor (~1.7 CPU-s per process, every torchrun worker) ->
+   `eager_megatron_fusions()`, called by `engine/__init__.py` before anything imports megatron: megatron's own
+   `disable_jit_fuser()`, so those functions run as plain torch on CPU (the same math, uncompiled).
 """
 
 from __future__ import annotations
