@@ -21,7 +21,7 @@ $(STAMP): requirements/cpu.txt setup.py tools/env/torchvision_cpu_fix.py
 test: venv
 	$(PY) -m pytest -q
 
-# The tests marked `long` (pytest.ini), left out of `make test`: minutes each on 2 cores.
+# The tests marked `long` (pytest.ini: the GRPO learning curves, ~10 min on 2 cores), left out of `make test`.
 test-long: venv
 	$(PY) -m pytest -q -m long
 
