@@ -36,4 +36,5 @@ def test_engine_import_leaves_megatron_fusions_eager_on_cpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only patch")
 def test_megatron_imported_first_keeps_its_compiled_fusions():
     """The patch only acts before megatron's first import; afterwards it changes nothing (and says nothing)."""
-    assert _probe("\nimport os; os.environ['TRITON_INTERPRET'] = '1'\nimport megatron.core") == ["False", "True", "True"]
+    megatron_first = "\nimport os; os.environ['TRITON_INTERPRET'] = '1'\nimport megatron.core"
+    assert _probe(megatron_first) == ["False", "True", "True"]

@@ -44,7 +44,8 @@ def main(out: str, tp: int) -> None:
 
     def seq_logps():
         with torch.no_grad():
-            rep = forward_backward(ddp, [batch], pg, lambda b: partial(token_logprobs_loss, b, pg.tp, vocab, 1.0, "fused"),
+            rep = forward_backward(ddp, [batch], pg,
+                                   lambda b: partial(token_logprobs_loss, b, pg.tp, vocab, 1.0, "fused"),
                                    forward_only=True)
         return rep[0]["logprobs"]
 
